@@ -1,0 +1,173 @@
+"""Pure maths of the MANO model: rotations, blend shapes, the kinematic chain and linear blend skinning.
+
+Nothing here knows about files or model containers; every function takes arrays and broadcasts over
+leading batch axes `(*, ...)`. Lengths are in whatever unit the inputs use (metres in mano-jax).
+
+Rotations are kept as (R, t) pairs instead of 4x4 matrices: the homogeneous row is dead weight in every
+product, and skinning with (3, 4) blocks is a quarter cheaper.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+# Below this squared angle the Taylor series of sin(t)/t and (1 - cos t)/t^2 are exact to float64
+# precision (the next term is t^6 / 5040 < 2e-16), and the closed forms would divide by ~0.
+_SMALL_ANGLE_SQ = 1e-4
+
+
+def axis_angle_to_matrix(axis_angle: jax.Array) -> jax.Array:
+    """Rodrigues' formula: (*, 3) axis-angle (radians) -> (*, 3, 3) rotation matrix.
+
+    Exact and with finite derivatives of every order at the zero rotation, in float32 and float64:
+    R = I + a K + b K^2 with a = sin(t)/t, b = (1 - cos t)/t^2 = 2 (sin(t/2)/t)^2, and their Taylor
+    series near t = 0 (the "double where" keeps NaN out of the unused branch's gradient).
+    """
+    theta_sq = jnp.sum(axis_angle**2, axis=-1)
+    small = theta_sq < _SMALL_ANGLE_SQ
+    theta = jnp.sqrt(jnp.where(small, 1.0, theta_sq))
+    half_sinc = jnp.sin(0.5 * theta) / theta
+    a = jnp.where(small, 1.0 - theta_sq / 6.0 + theta_sq**2 / 120.0, jnp.sin(theta) / theta)
+    b = jnp.where(small, 0.5 - theta_sq / 24.0 + theta_sq**2 / 720.0, 2.0 * half_sinc**2)
+    # R = c I + a K + b v v^T with c = 1 - b t^2 (using K^2 = v v^T - t^2 I), written out entry by
+    # entry: no matrix products, no broadcasting of I.
+    c = 1.0 - b * theta_sq
+    x, y, z = axis_angle[..., 0], axis_angle[..., 1], axis_angle[..., 2]
+    bxy, bxz, byz = b * x * y, b * x * z, b * y * z
+    return jnp.stack(
+        [
+            jnp.stack([c + b * x * x, bxy - a * z, bxz + a * y], axis=-1),
+            jnp.stack([bxy + a * z, c + b * y * y, byz - a * x], axis=-1),
+            jnp.stack([bxz - a * y, byz + a * x, c + b * z * z], axis=-1),
+        ],
+        axis=-2,
+    )
+
+
+def matrix_to_axis_angle(rotmat: jax.Array) -> jax.Array:
+    """(*, 3, 3) rotation matrix -> (*, 3) axis-angle with angle in [0, pi].
+
+    The angle is atan2 of the antisymmetric and trace parts (accurate at every angle); the axis comes
+    from the antisymmetric part, except beyond ~154 degrees, where that part shrinks towards zero and
+    the symmetric part (1 - cos t) a a^T gives a well-conditioned axis. Gradients are finite at the
+    identity.
+    """
+    w = jnp.stack(
+        [
+            rotmat[..., 2, 1] - rotmat[..., 1, 2],
+            rotmat[..., 0, 2] - rotmat[..., 2, 0],
+            rotmat[..., 1, 0] - rotmat[..., 0, 1],
+        ],
+        axis=-1,
+    )  # = 2 sin(t) a
+    trace = rotmat[..., 0, 0] + rotmat[..., 1, 1] + rotmat[..., 2, 2]
+    w_sq = jnp.sum(w**2, axis=-1)
+    tiny = w_sq < _SMALL_ANGLE_SQ**2
+    w_norm = jnp.sqrt(jnp.where(tiny, 1.0, w_sq))
+    # Exact |w| for the angle (it matters within 1e-4 of pi), gradient-safe at w = 0.
+    positive = w_sq > 0
+    exact_norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, w_sq, 1.0)), 0.0)
+    theta = jnp.arctan2(0.5 * exact_norm, 0.5 * (trace - 1.0))
+    # t / (2 sin t) = t / |w|, whose limit at t -> 0 is 1/2 + t^2/12 with t^2 ~ 3 - trace.
+    factor = jnp.where(tiny, 0.5 + (3.0 - trace) / 12.0, theta / w_norm)
+    regular = w * factor[..., None]
+
+    eye = jnp.broadcast_to(jnp.eye(3, dtype=rotmat.dtype), rotmat.shape)
+    sym = 0.5 * (rotmat + jnp.swapaxes(rotmat, -1, -2)) + eye * (0.5 * (1.0 - trace))[..., None, None]
+    diag = jnp.diagonal(sym, axis1=-2, axis2=-1)
+    col = jnp.take_along_axis(sym, jnp.argmax(diag, axis=-1)[..., None, None], axis=-1)[..., 0]
+    axis = col / jnp.sqrt(jnp.maximum(jnp.sum(col**2, axis=-1, keepdims=True), 1e-30))
+    # The symmetric part fixes the axis only up to sign; the antisymmetric part decides it.
+    axis = jnp.where(jnp.sum(axis * w, axis=-1, keepdims=True) < 0, -axis, axis)
+    near_pi = trace < -0.8
+    return jnp.where(near_pi[..., None], axis * theta[..., None], regular)
+
+
+def blend_shapes(coeffs: jax.Array, directions: jax.Array) -> jax.Array:
+    """(*, K) coefficients x (V, 3, K) directions -> (*, V, 3) offsets. K may be smaller than stored."""
+    k = coeffs.shape[-1]
+    return jnp.einsum("...k,vck->...vc", coeffs, directions[..., :k])
+
+
+def pose_features(rotmats: jax.Array) -> jax.Array:
+    """(*, 15, 3, 3) non-root joint rotations -> (*, 135) pose blend shape features R - I, row-major."""
+    eye = jnp.broadcast_to(jnp.eye(3, dtype=rotmats.dtype), rotmats.shape)
+    return (rotmats - eye).reshape(*rotmats.shape[:-3], -1)
+
+
+def chain_levels(parents: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+    """Group the joints of a kinematic tree by depth; each level only depends on the one before."""
+    depth = []
+    for j, p in enumerate(parents):
+        if p >= j:
+            raise ValueError(f"parents must list each joint after its parent, got {tuple(parents)}")
+        depth.append(0 if p < 0 else depth[p] + 1)
+    return tuple(
+        tuple(j for j, d in enumerate(depth) if d == level) for level in range(max(depth) + 1)
+    )
+
+
+def kinematic_chain(
+    rotmats: jax.Array, joints: jax.Array, parents: Sequence[int]
+) -> tuple[jax.Array, jax.Array]:
+    """Pose the joints: (*, J, 3, 3) local rotations, (*, J, 3) rest joints -> world (R, t).
+
+    Returns `(R, posed_joints)`, each joint's world rotation (*, J, 3, 3) and world position (*, J, 3);
+    a joint rotates about its own rest position, carried along by its ancestors. The root rotates about
+    its rest position too. Joints are processed a tree level at a time, not one by one.
+    """
+    parents = tuple(parents)
+    world_r = [None] * len(parents)
+    world_t = [None] * len(parents)
+    for level in chain_levels(parents):
+        idx = jnp.asarray(level)
+        local_r = rotmats[..., idx, :, :]
+        rest = joints[..., idx, :]
+        if parents[level[0]] < 0:
+            r, t = local_r, rest
+        else:
+            pidx = [parents[j] for j in level]
+            parent_r = jnp.stack([world_r[p] for p in pidx], axis=-3)
+            parent_t = jnp.stack([world_t[p] for p in pidx], axis=-2)
+            offset = rest - joints[..., jnp.asarray(pidx), :]
+            r = parent_r @ local_r
+            t = parent_t + jnp.einsum("...ij,...j->...i", parent_r, offset)
+        for k, j in enumerate(level):
+            world_r[j] = r[..., k, :, :]
+            world_t[j] = t[..., k, :]
+    return jnp.stack(world_r, axis=-3), jnp.stack(world_t, axis=-2)
+
+
+def skinning_transforms(
+    world_r: jax.Array, posed_joints: jax.Array, rest_joints: jax.Array
+) -> jax.Array:
+    """(*, J, 3, 4) transforms mapping rest-pose points to posed points for each joint."""
+    t = posed_joints - jnp.einsum("...jab,...jb->...ja", world_r, rest_joints)
+    return jnp.concatenate([world_r, t[..., None]], axis=-1)
+
+
+def skin(vertices: jax.Array, weights: jax.Array, transforms: jax.Array) -> jax.Array:
+    """Linear blend skinning: (*, V, 3) rest vertices, (V, J) weights, (*, J, 3, 4) -> (*, V, 3).
+
+    Computed with the batch as the innermost axis: blending the transforms is then one matrix product
+    weights @ (J, 12 * batch) and applying them is elementwise over contiguous memory, instead of a
+    batched product that XLA would follow with a transpose of the (*, V, 12) per-vertex matrices.
+    """
+    batch = transforms.shape[:-3]
+    num_joints = transforms.shape[-3]
+    num_vertices = weights.shape[0]
+    n = math.prod(batch)
+    per_joint = jnp.moveaxis(transforms.reshape(n, num_joints, 12), 0, -1).reshape(num_joints, -1)
+    blended = (weights @ per_joint).reshape(num_vertices, 3, 4, n)
+    rest = jnp.moveaxis(jnp.broadcast_to(vertices, batch + vertices.shape[-2:]).reshape(n, -1, 3), 0, -1)
+    posed = (
+        blended[:, :, 0] * rest[:, None, 0]
+        + blended[:, :, 1] * rest[:, None, 1]
+        + blended[:, :, 2] * rest[:, None, 2]
+        + blended[:, :, 3]
+    )
+    return jnp.moveaxis(posed, -1, 0).reshape(*batch, num_vertices, 3)

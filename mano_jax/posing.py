@@ -1,0 +1,182 @@
+"""`forward`: pose and shape a `ManoModel`, with the semantics of the official MANO model and smplx.
+
+    v_shaped  = v_template + shapedirs . betas
+    J         = J_regressor @ v_shaped
+    v_posed   = v_shaped + posedirs . (R(theta_1..15) - I)
+    vertices  = sum_j weights[:, j] * G_j(theta, J) v_posed  +  transl
+
+The global rotation turns about the rest wrist joint J_0 (not the origin) and `transl` is added after, as
+in the official model; all lengths are metres.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from . import lbs
+from .conventions import OPENPOSE_ORDER, pca_to_axis_angle
+from .model import NUM_JOINTS, ManoModel, ManoOutput
+
+PoseSpace = Literal["axis_angle", "pca", "rotmat"]
+KeypointOrder = Literal["mano", "openpose"]
+
+
+def _as_array(name: str, value, dtype, trailing: tuple[int, ...]) -> jax.Array:
+    """Convert an argument and check its trailing shape, naming it in the error."""
+    value = jnp.asarray(value, dtype=dtype)
+    if value.shape[value.ndim - len(trailing) :] != trailing or value.ndim < len(trailing):
+        want = ", ".join(["*", *map(str, trailing)])
+        raise ValueError(f"{name}: expected shape ({want}), got {tuple(value.shape)}")
+    return value
+
+
+def _lead(x: jax.Array, batch: tuple[int, ...], trailing: int) -> jax.Array:
+    """Broadcast x's leading axes to `batch` explicitly (strict rank promotion forbids implicit)."""
+    return jnp.broadcast_to(x, batch + x.shape[x.ndim - trailing :])
+
+
+def _hand_rotations(
+    model: ManoModel, hand_pose, pose_space: PoseSpace, num_pca_comps, flat_hand_mean: bool, dtype
+) -> jax.Array:
+    """(*, 15, 3, 3) local rotations of joints 1..15 from the hand pose in any of its spaces."""
+    if pose_space == "rotmat":
+        if not flat_hand_mean:
+            raise ValueError(
+                "flat_hand_mean=False adds the mean pose in axis-angle space; it has no meaning for "
+                "pose_space='rotmat' (compose the rotations yourself)"
+            )
+        return _as_array("hand_pose", hand_pose, dtype, (NUM_JOINTS - 1, 3, 3))
+    if pose_space == "pca":
+        coeffs = jnp.asarray(hand_pose, dtype=dtype)
+        k = coeffs.shape[-1] if coeffs.ndim else 0
+        if coeffs.ndim == 0 or not 1 <= k <= 45:
+            raise ValueError(
+                f"hand_pose: PCA coefficients must have shape (*, K) with 1 <= K <= 45, "
+                f"got {tuple(coeffs.shape)}"
+            )
+        if num_pca_comps is not None and num_pca_comps != k:
+            raise ValueError(
+                f"num_pca_comps={num_pca_comps} but hand_pose has {k} PCA coefficients"
+            )
+        axis_angle = pca_to_axis_angle(model, coeffs, flat_hand_mean=flat_hand_mean)
+    elif pose_space == "axis_angle":
+        if num_pca_comps is not None:
+            raise ValueError("num_pca_comps is only used with pose_space='pca'")
+        axis_angle = _as_array("hand_pose", hand_pose, dtype, (45,))
+        if not flat_hand_mean:
+            mean = model.hands_mean.astype(dtype)
+            axis_angle = axis_angle + _lead(mean, axis_angle.shape[:-1], 1)
+    else:
+        raise ValueError(
+            f"pose_space must be 'axis_angle', 'pca' or 'rotmat', got {pose_space!r}"
+        )
+    return lbs.axis_angle_to_matrix(axis_angle.reshape(*axis_angle.shape[:-1], 15, 3))
+
+
+def forward(
+    model: ManoModel,
+    *,
+    hand_pose,
+    betas=None,
+    global_orient=None,
+    transl=None,
+    pose_space: PoseSpace = "axis_angle",
+    num_pca_comps: int | None = None,
+    flat_hand_mean: bool = True,
+    keypoint_order: KeypointOrder = "mano",
+) -> ManoOutput:
+    """Pose and shape the hand model. Differentiable; works under `jit`, `grad`, `vmap`, `jacfwd`.
+
+    Args:
+      model: the hand model (`load_model()`), in float32 or float64; inputs are cast to its dtype.
+      hand_pose: the 15 finger joints' rotations relative to their parents, in `pose_space`:
+        "axis_angle": (*, 45) radians; "pca": (*, K) coefficients of the first K rows of
+        `model.hands_components`; "rotmat": (*, 15, 3, 3) rotation matrices.
+      betas: (*, S') shape coefficients, S' <= model.num_betas (missing ones are zero). Default: zeros.
+      global_orient: (*, 3) axis-angle (or (*, 3, 3) with "rotmat") rotation of the whole hand about
+        the rest wrist joint. Default: identity.
+      transl: (*, 3) translation in metres added after the rotation. Default: zero.
+      pose_space: how `hand_pose` is given (see above).
+      num_pca_comps: with "pca", the expected K (checked against `hand_pose`; unlike smplx, 45 still
+        means PCA).
+      flat_hand_mean: True (default, as manopth/manotorch): `hand_pose` is absolute, zero = flat hand.
+        False (smplx's default): `model.hands_mean` is added to the axis-angle pose, zero = mean hand.
+      keypoint_order: "mano": 16 joints then fingertips thumb, index, middle, ring, pinky;
+        "openpose": wrist then thumb, index, middle, ring, pinky, each MCP->tip (also MediaPipe's order).
+
+    The leading batch axes `*` of all inputs broadcast against each other.
+
+    Returns:
+      `ManoOutput` with vertices (*, V, 3), joints (*, 16, 3) from the kinematic chain (these differ
+      from `J_regressor @ vertices` by a few millimetres when posed), keypoints (*, 21, 3) and the
+      skinning transforms (*, 16, 4, 4), all in metres.
+    """
+    if keypoint_order not in ("mano", "openpose"):
+        raise ValueError(f"keypoint_order must be 'mano' or 'openpose', got {keypoint_order!r}")
+    dtype = model.v_template.dtype
+    hand_r = _hand_rotations(model, hand_pose, pose_space, num_pca_comps, flat_hand_mean, dtype)
+
+    if global_orient is None:
+        root_r = jnp.eye(3, dtype=dtype)
+    elif pose_space == "rotmat":
+        root_r = _as_array("global_orient", global_orient, dtype, (3, 3))
+    else:
+        root_r = lbs.axis_angle_to_matrix(_as_array("global_orient", global_orient, dtype, (3,)))
+
+    shapes = [hand_r.shape[:-3], root_r.shape[:-2]]
+    if betas is not None:
+        betas = jnp.asarray(betas, dtype=dtype)
+        if betas.ndim == 0 or not 1 <= betas.shape[-1] <= model.num_betas:
+            raise ValueError(
+                f"betas: expected shape (*, S) with 1 <= S <= {model.num_betas} (the model's shape "
+                f"components), got {tuple(betas.shape)}"
+            )
+        shapes.append(betas.shape[:-1])
+    if transl is not None:
+        transl = _as_array("transl", transl, dtype, (3,))
+        shapes.append(transl.shape[:-1])
+    try:
+        batch = jnp.broadcast_shapes(*shapes)
+    except ValueError:
+        raise ValueError(
+            f"the leading batch axes of the inputs do not broadcast: {shapes} "
+            "(hand_pose, global_orient, betas, transl that were given)"
+        ) from None
+
+    # Joints are linear in betas: regress them from the template and the shape directions once,
+    # instead of from every hand's (V, 3) shaped vertices.
+    v_shaped = model.v_template
+    rest_joints = model.J_regressor @ model.v_template
+    if betas is not None:
+        joint_dirs = jnp.einsum("jv,vck->jck", model.J_regressor, model.shapedirs)
+        v_shaped = _lead(v_shaped, betas.shape[:-1], 2) + lbs.blend_shapes(betas, model.shapedirs)
+        rest_joints = _lead(rest_joints, betas.shape[:-1], 2) + lbs.blend_shapes(betas, joint_dirs)
+
+    pose_offsets = lbs.pose_features(hand_r) @ model.posedirs.reshape(-1, model.posedirs.shape[-1]).T
+    v_posed = _lead(v_shaped, batch, 2) + pose_offsets.reshape(*hand_r.shape[:-3], -1, 3)
+
+    rotmats = jnp.concatenate(
+        [_lead(root_r, batch, 2)[..., None, :, :], _lead(hand_r, batch, 3)], axis=-3
+    )
+    rest_joints = _lead(rest_joints, batch, 2)
+    world_r, posed_joints = lbs.kinematic_chain(rotmats, rest_joints, model.parents)
+    if transl is not None:
+        posed_joints = posed_joints + _lead(transl, batch, 1)[..., None, :]
+    transforms = lbs.skinning_transforms(world_r, posed_joints, rest_joints)
+    vertices = lbs.skin(v_posed, model.weights, transforms)
+
+    tips = vertices[..., jnp.asarray(model.tip_ids, dtype=jnp.int32), :]
+    keypoints = jnp.concatenate([posed_joints, tips], axis=-2)
+    if keypoint_order == "openpose":
+        keypoints = keypoints[..., jnp.asarray(OPENPOSE_ORDER), :]
+    bottom = jnp.broadcast_to(jnp.asarray([0, 0, 0, 1], dtype), transforms.shape[:-2] + (1, 4))
+    return ManoOutput(
+        vertices=vertices,
+        joints=posed_joints,
+        keypoints=keypoints,
+        transforms=jnp.concatenate([transforms, bottom], axis=-2),
+    )
+
