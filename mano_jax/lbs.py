@@ -150,24 +150,31 @@ def skinning_transforms(
     return jnp.concatenate([world_r, t[..., None]], axis=-1)
 
 
-def skin(vertices: jax.Array, weights: jax.Array, transforms: jax.Array) -> jax.Array:
-    """Linear blend skinning: (*, V, 3) rest vertices, (V, J) weights, (*, J, 3, 4) -> (*, V, 3).
+def skin_columns(vertices: jax.Array, weights: jax.Array, transforms: jax.Array) -> jax.Array:
+    """Linear blend skinning with the batch as the last axis: (V, 3, N) rest vertices, (V, J) weights,
+    (N, J, 3, 4) transforms -> (V, 3, N) posed vertices.
 
-    Computed with the batch as the innermost axis: blending the transforms is then one matrix product
-    weights @ (J, 12 * batch) and applying them is elementwise over contiguous memory, instead of a
-    batched product that XLA would follow with a transpose of the (*, V, 12) per-vertex matrices.
+    In this layout blending the transforms is one matrix product weights @ (J, 12 N), and applying
+    them is elementwise over contiguous memory; a batch-first layout would make XLA transpose the
+    (N, V, 12) per-vertex matrices.
     """
-    batch = transforms.shape[:-3]
-    num_joints = transforms.shape[-3]
-    num_vertices = weights.shape[0]
-    n = math.prod(batch)
+    n, num_joints = transforms.shape[:2]
     per_joint = jnp.moveaxis(transforms.reshape(n, num_joints, 12), 0, -1).reshape(num_joints, -1)
-    blended = (weights @ per_joint).reshape(num_vertices, 3, 4, n)
-    rest = jnp.moveaxis(jnp.broadcast_to(vertices, batch + vertices.shape[-2:]).reshape(n, -1, 3), 0, -1)
-    posed = (
-        blended[:, :, 0] * rest[:, None, 0]
-        + blended[:, :, 1] * rest[:, None, 1]
-        + blended[:, :, 2] * rest[:, None, 2]
+    blended = (weights @ per_joint).reshape(-1, 3, 4, n)
+    return (
+        blended[:, :, 0] * vertices[:, None, 0]
+        + blended[:, :, 1] * vertices[:, None, 1]
+        + blended[:, :, 2] * vertices[:, None, 2]
         + blended[:, :, 3]
     )
-    return jnp.moveaxis(posed, -1, 0).reshape(*batch, num_vertices, 3)
+
+
+def skin(vertices: jax.Array, weights: jax.Array, transforms: jax.Array) -> jax.Array:
+    """Linear blend skinning: (*, V, 3) rest vertices, (V, J) weights, (*, J, 3, 4) -> (*, V, 3)."""
+    batch = transforms.shape[:-3]
+    n = math.prod(batch)
+    columns = jnp.moveaxis(
+        jnp.broadcast_to(vertices, batch + vertices.shape[-2:]).reshape(n, -1, 3), 0, -1
+    )
+    posed = skin_columns(columns, weights, transforms.reshape(n, *transforms.shape[-3:]))
+    return jnp.moveaxis(posed, -1, 0).reshape(*batch, -1, 3)

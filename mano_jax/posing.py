@@ -11,6 +11,8 @@ in the official model; all lengths are metres.
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Literal
 
 import jax
@@ -22,6 +24,9 @@ from .model import NUM_JOINTS, ManoModel, ManoOutput
 
 PoseSpace = Literal["axis_angle", "pca", "rotmat"]
 KeypointOrder = Literal["mano", "openpose"]
+
+# Hands posed together in one step of a large batch (see `forward`).
+_CHUNK = 128
 
 
 def _as_array(name: str, value, dtype, trailing: tuple[int, ...]) -> jax.Array:
@@ -76,6 +81,37 @@ def _hand_rotations(
     return lbs.axis_angle_to_matrix(axis_angle.reshape(*axis_angle.shape[:-1], 15, 3))
 
 
+def _pose_flat(
+    model: ManoModel, rotmats: jax.Array, betas: jax.Array | None, transl: jax.Array | None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Pose N hands: (N, 16, 3, 3) local rotations, (N, S') betas, (N, 3) transl.
+
+    Vertices are computed with the hands along the last axis, (V, 3, N): the blend shapes are then
+    plain matrix products with the model's arrays as stored, and skinning is elementwise over
+    contiguous memory (see `lbs.skin_columns`).
+    """
+    n = rotmats.shape[0]
+    num_coords = 3 * model.num_vertices
+    offsets = model.posedirs.reshape(num_coords, -1) @ lbs.pose_features(rotmats[:, 1:]).T
+    rest_joints = jnp.broadcast_to(model.J_regressor @ model.v_template, (n, NUM_JOINTS, 3))
+    if betas is not None:
+        k = betas.shape[-1]
+        offsets = offsets + model.shapedirs[..., :k].reshape(num_coords, k) @ betas.T
+        # Joints are linear in betas: regress the shape directions once, not every hand's vertices.
+        joint_dirs = jnp.einsum("jv,vck->jck", model.J_regressor, model.shapedirs[..., :k])
+        rest_joints = rest_joints + lbs.blend_shapes(betas, joint_dirs)
+    v_posed = (model.v_template.reshape(num_coords, 1) + offsets).reshape(-1, 3, n)
+    world_r, posed_joints = lbs.kinematic_chain(rotmats, rest_joints, model.parents)
+    if transl is not None:
+        posed_joints = posed_joints + transl[:, None, :]
+    transforms = lbs.skinning_transforms(world_r, posed_joints, rest_joints)
+    vertices = jnp.moveaxis(lbs.skin_columns(v_posed, model.weights, transforms), -1, 0)
+    return vertices, posed_joints, transforms
+
+
+@functools.partial(
+    jax.jit, static_argnames=("pose_space", "num_pca_comps", "flat_hand_mean", "keypoint_order")
+)
 def forward(
     model: ManoModel,
     *,
@@ -89,6 +125,8 @@ def forward(
     keypoint_order: KeypointOrder = "mano",
 ) -> ManoOutput:
     """Pose and shape the hand model. Differentiable; works under `jit`, `grad`, `vmap`, `jacfwd`.
+
+    Compiled with `jax.jit` on first use for each combination of input shapes and options.
 
     Args:
       model: the hand model (`load_model()`), in float32 or float64; inputs are cast to its dtype.
@@ -146,27 +184,27 @@ def forward(
             "(hand_pose, global_orient, betas, transl that were given)"
         ) from None
 
-    # Joints are linear in betas: regress them from the template and the shape directions once,
-    # instead of from every hand's (V, 3) shaped vertices.
-    v_shaped = model.v_template
-    rest_joints = model.J_regressor @ model.v_template
-    if betas is not None:
-        joint_dirs = jnp.einsum("jv,vck->jck", model.J_regressor, model.shapedirs)
-        v_shaped = _lead(v_shaped, betas.shape[:-1], 2) + lbs.blend_shapes(betas, model.shapedirs)
-        rest_joints = _lead(rest_joints, betas.shape[:-1], 2) + lbs.blend_shapes(betas, joint_dirs)
-
-    pose_offsets = lbs.pose_features(hand_r) @ model.posedirs.reshape(-1, model.posedirs.shape[-1]).T
-    v_posed = _lead(v_shaped, batch, 2) + pose_offsets.reshape(*hand_r.shape[:-3], -1, 3)
-
-    rotmats = jnp.concatenate(
-        [_lead(root_r, batch, 2)[..., None, :, :], _lead(hand_r, batch, 3)], axis=-3
-    )
-    rest_joints = _lead(rest_joints, batch, 2)
-    world_r, posed_joints = lbs.kinematic_chain(rotmats, rest_joints, model.parents)
-    if transl is not None:
-        posed_joints = posed_joints + _lead(transl, batch, 1)[..., None, :]
-    transforms = lbs.skinning_transforms(world_r, posed_joints, rest_joints)
-    vertices = lbs.skin(v_posed, model.weights, transforms)
+    n = math.prod(batch)
+    flat = lambda x, trailing: _lead(x, batch, trailing).reshape(n, *x.shape[x.ndim - trailing :])  # noqa: E731
+    rotmats = jnp.concatenate([flat(root_r, 2)[:, None], flat(hand_r, 3)], axis=1)
+    args = (rotmats, None if betas is None else flat(betas, 1), None if transl is None else flat(transl, 1))
+    if n <= _CHUNK:
+        vertices, posed_joints, transforms = _pose_flat(model, *args)
+    else:
+        # Pose a chunk of hands at a time so the (V, 12, chunk) skinning intermediates stay in cache
+        # instead of streaming through memory: large batches run as fast per hand as small ones.
+        pad = -n % _CHUNK
+        chunks = jax.tree.map(
+            lambda x: jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)]).reshape(
+                -1, _CHUNK, *x.shape[1:]
+            ),
+            args,
+        )
+        outputs = jax.lax.map(lambda chunk: _pose_flat(model, *chunk), chunks)
+        vertices, posed_joints, transforms = (x.reshape(-1, *x.shape[2:])[:n] for x in outputs)
+    vertices = vertices.reshape(*batch, *vertices.shape[1:])
+    posed_joints = posed_joints.reshape(*batch, *posed_joints.shape[1:])
+    transforms = transforms.reshape(*batch, *transforms.shape[1:])
 
     tips = vertices[..., jnp.asarray(model.tip_ids, dtype=jnp.int32), :]
     keypoints = jnp.concatenate([posed_joints, tips], axis=-2)
