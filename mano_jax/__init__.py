@@ -12,6 +12,7 @@ from .conventions import (
     mirror_pose,
     pca_to_axis_angle,
 )
+from .jacobian import vertex_jacobian
 from .io import ManoFileError, load_model, save_model
 from .lbs import axis_angle_to_matrix, matrix_to_axis_angle
 from .mesh import export_mesh, wrist_cap
@@ -41,5 +42,6 @@ __all__ = [
     "mirror_pose",
     "pca_to_axis_angle",
     "save_model",
+    "vertex_jacobian",
     "wrist_cap",
 ]

@@ -308,3 +308,24 @@ def test_large_batches_posed_in_chunks_match_single_hands(mano_right):
         one = mano_jax.forward(mano_right, **{k: v[i] for k, v in x.items()})
         np.testing.assert_allclose(out.vertices[i], one.vertices, atol=1e-13)
         np.testing.assert_allclose(out.transforms[i], one.transforms, atol=1e-13)
+
+
+def test_closed_form_jacobian_equals_autodiff(mano_right):
+    rng = np.random.default_rng(16)
+    x = random_inputs(rng, batch=(2,))
+    x["hand_pose"][1, :9] = 0.0  # joints at the zero rotation, where the right Jacobian is a series
+    x["global_orient"][1] = 0.0
+    vertices, jac = mano_jax.vertex_jacobian(mano_right, **x)
+    assert jac.shape == (2, 778, 3, 61)
+
+    def flat(params):
+        return mano_jax.forward(
+            mano_right, global_orient=params[:3], hand_pose=params[3:48], betas=params[48:58], transl=params[58:]
+        ).vertices
+
+    params = np.concatenate([x["global_orient"], x["hand_pose"], x["betas"], x["transl"]], axis=-1)
+    reference = jax.vmap(jax.jacfwd(flat))(params)
+    np.testing.assert_allclose(jac, reference, atol=1e-13)
+    np.testing.assert_allclose(vertices, mano_jax.forward(mano_right, **x).vertices, atol=1e-14)
+    _, short = mano_jax.vertex_jacobian(mano_right, hand_pose=x["hand_pose"][0], betas=x["betas"][0, :3])
+    assert short.shape == (778, 3, 61)  # the Jacobian always covers all shape components
