@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 # Modules that contribute subcommands, each with `add_commands(subparsers)`.
-_COMMAND_MODULES: tuple[str, ...] = ()
+_COMMAND_MODULES = ("registration.cli", "registration.cli_keypoints")
 
 
 class UserError(Exception):
@@ -169,11 +169,10 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except (UserError, ManoFileError) as err:
         print(f"mano-jax {args.command}: error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,182 @@
+"""Benchmark of scan-sequence registration on synthetic sequences with ground truth (fixed seeds).
+
+Measures, for a 60-frame sequence of 5,000-point scans from the default model (subject shape = betas +
+smooth per-vertex offsets, smooth known motion):
+
+- full noiseless scans and single-view partial scans with 1 mm noise, 5% outliers and a forearm:
+  mean per-vertex error (mm), jitter (mean vertex acceleration, mm/frame^2) against the ground truth's,
+  median scan-to-model distance (mm, exact point-to-triangle), retried frames;
+- time: the first registration in the process (compilation included) and a second one of the same
+  sequence (steady state), so compile time = first - second and steady-state frames per second =
+  frames / second; wall and CPU seconds (the CPU may be shared: CPU seconds show the work done);
+- nearest-neighbour search for the scan -> model correspondences: SciPy KD-tree on the host vs brute
+  force in the graph, for a window of frames, and how often the candidate triangles around the nearest
+  vertex miss the exact closest triangle.
+
+Targets (issue 4): error <= 1.5 mm full / <= 3 mm partial, jitter within 10% of the ground truth's,
+median scan-to-model <= 1 mm on the partial scans, <= 60 s end to end on 2 CPU cores.
+
+    PYTHONPATH=. .venv/bin/python bench/registration.py [--frames 60] [--points 5000] [--out bench/results/registration.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mano_jax  # noqa: E402
+from mano_jax._atomic import atomic_path  # noqa: E402
+from registration import pipeline  # noqa: E402
+from registration.config import RegistrationConfig  # noqa: E402
+from registration.correspondences import closest_on_candidates  # noqa: E402
+from registration.outputs import scan_to_mesh_distance  # noqa: E402
+from registration.synthetic import make_sequence  # noqa: E402
+
+SEED_FULL = 11
+SEED_PARTIAL = 12
+
+
+def jitter_mm(vertices: np.ndarray) -> float:
+    """Mean vertex acceleration (mm/frame^2) of a (T, V, 3) sequence in metres."""
+    return float(np.linalg.norm(vertices[2:] - 2 * vertices[1:-1] + vertices[:-2], axis=-1).mean() * 1000)
+
+
+def timed(fn):
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def evaluate(model, scans, truth, result) -> dict:
+    posed = result.posed_vertices(model)
+    err = np.linalg.norm(posed - truth.vertices, axis=-1).mean(axis=1) * 1000
+    faces = np.asarray(model.faces)
+    medians = np.array([np.median(scan_to_mesh_distance(p, v, faces)) * 1000 for p, v in zip(scans.points, posed)])
+    fit_jitter, true_jitter = jitter_mm(posed), jitter_mm(truth.vertices)
+    return {
+        "mean_vertex_error_mm": float(err.mean()),
+        "worst_frame_vertex_error_mm": float(err.max()),
+        "jitter_mm_per_frame2": fit_jitter,
+        "ground_truth_jitter_mm_per_frame2": true_jitter,
+        "jitter_ratio": fit_jitter / true_jitter,
+        "median_scan_to_model_mm": float(np.mean(medians)),
+        "worst_frame_median_scan_to_model_mm": float(medians.max()),
+        "retried_frames": list(result.retried_frames),
+        "stage_seconds": {k: round(v, 2) for k, v in result.stage_times.items()},
+    }
+
+
+def register_twice(model, scans, config) -> tuple:
+    first, wall1, cpu1 = timed(lambda: pipeline.register_sequence(scans, model, config, progress=False))
+    second, wall2, cpu2 = timed(lambda: pipeline.register_sequence(scans, model, config, progress=False))
+    timing = {
+        "first_run_wall_s": wall1,
+        "first_run_cpu_s": cpu1,
+        "steady_run_wall_s": wall2,
+        "steady_run_cpu_s": cpu2,
+        "compile_wall_s": wall1 - wall2,
+        "steady_state_fps": scans.num_frames / wall2,
+    }
+    return second, timing
+
+
+def correspondence_search(model, scans, config, window: int) -> dict:
+    """KD-tree vs brute-force nearest neighbours for one window of frames, same inputs, same run."""
+    out = {}
+    problem = pipeline.prepare(scans, model, config)
+    ids = np.arange(window)
+    hand = pipeline.stages.make_hand(model, np.zeros((model.num_vertices, 3)), 8)
+    dt = model.dtype
+    verts, _ = pipeline._posed_batch(
+        hand, pipeline.Poses.identity(window).device(dt), jnp.zeros(model.num_betas, dt), jnp.ones((), dt)
+    )
+    # Place the hand on the scans so the search is realistic: the frames' centroids.
+    shift = problem.points[ids].sum(1) / problem.counts[ids][:, None] - np.asarray(verts).mean(1)
+    verts = verts + jnp.asarray(shift[:, None, :], dt)
+    for method in ("kdtree", "brute"):
+        problem.config = config.replace(nearest_neighbours=method)
+        jax.block_until_ready(pipeline.match(problem, ids, verts, 1.0).faces)  # warm-up / compile
+        reps = 5
+        _, wall, cpu = timed(lambda: [jax.block_until_ready(pipeline.match(problem, ids, verts, 1.0).faces) for _ in range(reps)])
+        out[method] = {"wall_ms_per_frame": 1000 * wall / reps / window, "cpu_ms_per_frame": 1000 * cpu / reps / window}
+    # Candidate triangles (one-ring of the nearest vertex) against the exact closest triangle.
+    problem.config = config
+    matches = pipeline.match(problem, ids[:1], verts[:1], 1.0)
+    n = min(int(problem.counts[0]), 1000)
+    pts = jnp.asarray(problem.points[0, :n], dt)
+    faces = model.faces
+    everything = jnp.broadcast_to(jnp.arange(faces.shape[0])[None], (n, faces.shape[0]))
+    _, _, exact = jax.jit(closest_on_candidates)(pts, verts[0], faces, everything)
+    chosen = np.asarray(matches.faces[0, :n])
+    _, _, d_chosen = closest_on_candidates(pts, verts[0], faces, jnp.asarray(chosen[:, None]))
+    excess = np.asarray(d_chosen) - np.asarray(exact)
+    out["candidate_miss_share"] = float(np.mean(excess > 1e-6))
+    out["candidate_mean_excess_um"] = float(excess.mean() * 1e6)
+    out["points"] = int(problem.points.shape[1])
+    out["vertices"] = int(model.num_vertices)
+    out["chosen"] = config.nearest_neighbours
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, default=60)
+    parser.add_argument("--points", type=int, default=5000)
+    parser.add_argument("--out", default="bench/results/registration.json")
+    args = parser.parse_args(argv)
+
+    model = mano_jax.load_model()
+    config = RegistrationConfig(max_points=args.points)
+    report = {
+        "frames": args.frames,
+        "points_per_frame": args.points,
+        "model": model.name,
+        "vertices": model.num_vertices,
+        "cpu_count": os.cpu_count(),
+        "load_average_at_start": list(os.getloadavg()),
+        "jax": jax.__version__,
+    }
+    partial_scans, partial_truth = make_sequence(model, num_frames=args.frames, points_per_frame=args.points, seed=SEED_PARTIAL)
+    full_scans, full_truth = make_sequence(
+        model, num_frames=args.frames, points_per_frame=args.points, partial=False, noise=0.0, outlier_ratio=0.0,
+        forearm=False, seed=SEED_FULL,
+    )
+
+    result, timing = register_twice(model, partial_scans, config)
+    report["partial_noisy"] = evaluate(model, partial_scans, partial_truth, result) | {"timing": timing}
+    print(json.dumps({"partial_noisy": report["partial_noisy"]}, indent=1), flush=True)
+
+    full_result, full_wall, full_cpu = timed(lambda: pipeline.register_sequence(full_scans, model, config, progress=False))
+    report["full_noiseless"] = evaluate(model, full_scans, full_truth, full_result) | {"timing": {"wall_s": full_wall, "cpu_s": full_cpu}}
+    print(json.dumps({"full_noiseless": report["full_noiseless"]}, indent=1), flush=True)
+
+    report["correspondence_search"] = correspondence_search(model, partial_scans, config, config.window)
+    print(json.dumps({"correspondence_search": report["correspondence_search"]}, indent=1), flush=True)
+
+    p, f = report["partial_noisy"], report["full_noiseless"]
+    report["targets"] = {
+        "full_error_le_1.5mm": f["mean_vertex_error_mm"] <= 1.5,
+        "partial_error_le_3mm": p["mean_vertex_error_mm"] <= 3.0,
+        "jitter_within_10pct": abs(p["jitter_ratio"] - 1) <= 0.1 and abs(f["jitter_ratio"] - 1) <= 0.1,
+        "partial_median_scan_to_model_le_1mm": p["median_scan_to_model_mm"] <= 1.0,
+        "end_to_end_le_60s": p["timing"]["first_run_wall_s"] <= 60.0,
+    }
+    print(json.dumps({"targets": report["targets"]}, indent=1))
+    out = Path(args.out)
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(report, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
