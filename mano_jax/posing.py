@@ -26,7 +26,7 @@ PoseSpace = Literal["axis_angle", "pca", "rotmat"]
 KeypointOrder = Literal["mano", "openpose"]
 
 # Hands posed together in one step of a large batch (see `forward`).
-_CHUNK = 128
+_CHUNK = 64
 
 
 def _as_array(name: str, value, dtype, trailing: tuple[int, ...]) -> jax.Array:
@@ -46,7 +46,8 @@ def _lead(x: jax.Array, batch: tuple[int, ...], trailing: int) -> jax.Array:
 def _hand_rotations(
     model: ManoModel, hand_pose, pose_space: PoseSpace, num_pca_comps, flat_hand_mean: bool, dtype
 ) -> jax.Array:
-    """(*, 15, 3, 3) local rotations of joints 1..15 from the hand pose in any of its spaces."""
+    """Local rotations of joints 1..15 from the hand pose in any of its spaces: (*, 15, 3, 3) matrices
+    with "rotmat", else (*, 15, 3) axis-angle (turned into matrices together with the root's)."""
     if pose_space == "rotmat":
         if not flat_hand_mean:
             raise ValueError(
@@ -78,7 +79,7 @@ def _hand_rotations(
         raise ValueError(
             f"pose_space must be 'axis_angle', 'pca' or 'rotmat', got {pose_space!r}"
         )
-    return lbs.axis_angle_to_matrix(axis_angle.reshape(*axis_angle.shape[:-1], 15, 3))
+    return axis_angle.reshape(*axis_angle.shape[:-1], 15, 3)
 
 
 def _pose_flat(
@@ -86,27 +87,37 @@ def _pose_flat(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Pose N hands: (N, 16, 3, 3) local rotations, (N, S') betas, (N, 3) transl.
 
-    Vertices are computed with the hands along the last axis, (V, 3, N): the blend shapes are then
-    plain matrix products with the model's arrays as stored, and skinning is elementwise over
-    contiguous memory (see `lbs.skin_columns`).
+    The blend shapes are one matrix product each for all N hands, against the model's arrays as
+    stored (no per-call copies of the large posedirs).
     """
     n = rotmats.shape[0]
     num_coords = 3 * model.num_vertices
-    offsets = model.posedirs.reshape(num_coords, -1) @ lbs.pose_features(rotmats[:, 1:]).T
-    rest_joints = jnp.broadcast_to(model.J_regressor @ model.v_template, (n, NUM_JOINTS, 3))
-    if betas is not None:
+    features = lbs.pose_features(rotmats[:, 1:])
+    offsets = jnp.einsum("nf,cf->nc", features, model.posedirs.reshape(num_coords, -1))
+    if betas is None:
+        v_shaped = jnp.broadcast_to(model.v_template, (n, *model.v_template.shape))
+        rest_joints = jnp.broadcast_to(model.J_regressor @ model.v_template, (n, NUM_JOINTS, 3))
+    else:
         k = betas.shape[-1]
-        offsets = offsets + model.shapedirs[..., :k].reshape(num_coords, k) @ betas.T
-        # Joints are linear in betas: regress the shape directions once, not every hand's vertices.
-        joint_dirs = jnp.einsum("jv,vck->jck", model.J_regressor, model.shapedirs[..., :k])
-        rest_joints = rest_joints + lbs.blend_shapes(betas, joint_dirs)
-    v_posed = (model.v_template.reshape(num_coords, 1) + offsets).reshape(-1, 3, n)
+        shape_offsets = jnp.einsum(
+            "nk,ck->nc", betas, model.shapedirs.reshape(num_coords, -1)[:, :k]
+        )
+        v_shaped = model.v_template[None] + shape_offsets.reshape(n, -1, 3)
+        if n < k:
+            rest_joints = jnp.einsum("jv,nvc->njc", model.J_regressor, v_shaped)
+        else:
+            # Joints are linear in betas: regressing the shape directions once costs as much as
+            # regressing k hands' vertices, and is cheaper for any larger batch.
+            joint_dirs = jnp.einsum("jv,vck->jck", model.J_regressor, model.shapedirs[..., :k])
+            rest_joints = (model.J_regressor @ model.v_template)[None] + lbs.blend_shapes(
+                betas, joint_dirs
+            )
+    v_posed = v_shaped + offsets.reshape(n, -1, 3)
     world_r, posed_joints = lbs.kinematic_chain(rotmats, rest_joints, model.parents)
     if transl is not None:
         posed_joints = posed_joints + transl[:, None, :]
     transforms = lbs.skinning_transforms(world_r, posed_joints, rest_joints)
-    vertices = jnp.moveaxis(lbs.skin_columns(v_posed, model.weights, transforms), -1, 0)
-    return vertices, posed_joints, transforms
+    return lbs.skin(v_posed, model.weights, transforms), posed_joints, transforms
 
 
 @functools.partial(
@@ -157,14 +168,13 @@ def forward(
     dtype = model.v_template.dtype
     hand_r = _hand_rotations(model, hand_pose, pose_space, num_pca_comps, flat_hand_mean, dtype)
 
+    root_shape = (3, 3) if pose_space == "rotmat" else (3,)
     if global_orient is None:
-        root_r = jnp.eye(3, dtype=dtype)
-    elif pose_space == "rotmat":
-        root_r = _as_array("global_orient", global_orient, dtype, (3, 3))
+        root_r = jnp.eye(3, dtype=dtype) if pose_space == "rotmat" else jnp.zeros(3, dtype)
     else:
-        root_r = lbs.axis_angle_to_matrix(_as_array("global_orient", global_orient, dtype, (3,)))
+        root_r = _as_array("global_orient", global_orient, dtype, root_shape)
 
-    shapes = [hand_r.shape[:-3], root_r.shape[:-2]]
+    shapes = [hand_r.shape[: hand_r.ndim - len(root_shape) - 1], root_r.shape[: root_r.ndim - len(root_shape)]]
     if betas is not None:
         betas = jnp.asarray(betas, dtype=dtype)
         if betas.ndim == 0 or not 1 <= betas.shape[-1] <= model.num_betas:
@@ -186,13 +196,20 @@ def forward(
 
     n = math.prod(batch)
     flat = lambda x, trailing: _lead(x, batch, trailing).reshape(n, *x.shape[x.ndim - trailing :])  # noqa: E731
-    rotmats = jnp.concatenate([flat(root_r, 2)[:, None], flat(hand_r, 3)], axis=1)
+    rotmats = jnp.concatenate(
+        [flat(root_r, len(root_shape))[:, None], flat(hand_r, len(root_shape) + 1)], axis=1
+    )
+    if pose_space != "rotmat":
+        rotmats = lbs.axis_angle_to_matrix(rotmats)
     args = (rotmats, None if betas is None else flat(betas, 1), None if transl is None else flat(transl, 1))
     if n <= _CHUNK:
         vertices, posed_joints, transforms = _pose_flat(model, *args)
     else:
-        # Pose a chunk of hands at a time so the (V, 12, chunk) skinning intermediates stay in cache
+        # Pose a chunk of hands at a time so the (chunk, 12, V) skinning intermediates stay in cache
         # instead of streaming through memory: large batches run as fast per hand as small ones.
+        # Under differentiation each chunk is recomputed in the backward pass rather than storing
+        # its intermediates for the whole batch: ~60 kB per hand of fresh memory, whose page faults
+        # cost more than posing the chunk again.
         pad = -n % _CHUNK
         chunks = jax.tree.map(
             lambda x: jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)]).reshape(
@@ -200,7 +217,7 @@ def forward(
             ),
             args,
         )
-        outputs = jax.lax.map(lambda chunk: _pose_flat(model, *chunk), chunks)
+        outputs = jax.lax.map(jax.checkpoint(lambda chunk: _pose_flat(model, *chunk)), chunks)
         vertices, posed_joints, transforms = (x.reshape(-1, *x.shape[2:])[:n] for x in outputs)
     vertices = vertices.reshape(*batch, *vertices.shape[1:])
     posed_joints = posed_joints.reshape(*batch, *posed_joints.shape[1:])

@@ -93,15 +93,15 @@ def render_png(
 
     `meshes` is (V, 3) or (N, V, 3) vertices sharing `faces`; `titles` labels each panel.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    # A bare Figure renders without pyplot or a backend: nothing global changes, and a notebook's
+    # inline plots keep working after this call.
+    from matplotlib.figure import Figure
 
     meshes = np.asarray(meshes)
     if meshes.ndim == 2:
         meshes = meshes[None]
-    fig, axes = plt.subplots(1, len(meshes), figsize=(size[0] * len(meshes), size[1]), squeeze=False)
+    fig = Figure(figsize=(size[0] * len(meshes), size[1]))
+    axes = fig.subplots(1, len(meshes), squeeze=False)
     for i, (ax, verts) in enumerate(zip(axes[0], meshes)):
         plot_mesh(ax, verts, faces, view=view, **plot_kwargs)
         if titles is not None:
@@ -109,7 +109,6 @@ def render_png(
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
-    plt.close(fig)
 
 
 def plotly_mesh(vertices, faces, *, points=None, color="#d9a68c", title=None):
