@@ -700,6 +700,7 @@ def track(
     residual: np.ndarray | None = None,
     estimated: np.ndarray | None = None,
     prior_boost: float = 1.0,
+    smoothing: float = 1.0,
     on_window=None,
     progress=False,
     desc="stage 2: tracking",
@@ -724,7 +725,12 @@ def track(
     w = cfg.window
     step = w - cfg.overlap if temporal else w
     weights = problem.weights(temporal=temporal)
-    weights = dataclasses.replace(weights, pose_prior=weights.pose_prior * prior_boost)
+    weights = dataclasses.replace(
+        weights,
+        pose_prior=weights.pose_prior * prior_boost,
+        velocity=weights.velocity * smoothing,
+        acceleration=weights.acceleration * smoothing,
+    )
     estimated = solved.copy() if estimated is None else estimated
     energy = np.zeros(t_total) if energy is None else energy
     residual = np.zeros(t_total) if residual is None else residual
@@ -1007,7 +1013,8 @@ class Registration:
             estimated[self.first] = True
             r = track(
                 problem, hand0, self.betas, self.poses, start=start, solved=solved, extrapolate=True,
-                estimated=estimated, prior_boost=cfg.track_prior_boost, rounds=cfg.track_rounds, on_window=save,
+                estimated=estimated, prior_boost=cfg.track_prior_boost, smoothing=cfg.track_smoothing,
+                rounds=cfg.track_rounds, on_window=save,
                 progress=self.progress, desc="tracking (initial template)",
             )
             self.retried += r
