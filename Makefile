@@ -39,7 +39,6 @@ test: system-deps $(VENV)/.installed-dev
 bench: system-deps $(VENV)/.installed-dev
 	$(BIN)/python bench/forward.py
 	$(BIN)/python bench/registration.py
-	$(BIN)/python bench/learning.py
 	$(BIN)/python bench/keypoints.py
 
 clean:

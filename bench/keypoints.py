@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -28,14 +27,11 @@ import numpy as np
 from scipy.interpolate import CubicSpline
 from scipy.spatial.transform import Rotation
 
-# The repository first: bench/registration.py would otherwise shadow the registration package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mano_jax import forward, load_model  # noqa: E402
-from mano_jax._atomic import atomic_path  # noqa: E402
-from mano_jax.priors import JointLimits  # noqa: E402
-from registration.camera import PinholeCamera  # noqa: E402
-from registration.keypoints import KeypointFitConfig, fit_keypoints, sample_plausible_hands  # noqa: E402
+from mano_jax import forward, load_model
+from mano_jax._atomic import atomic_path
+from mano_jax.priors import JointLimits
+from registration.camera import PinholeCamera
+from registration.keypoints import KeypointFitConfig, fit_keypoints, sample_plausible_hands
 
 INDEPENDENT = dict(shared_shape=False, smooth=False)
 

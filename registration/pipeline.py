@@ -32,7 +32,6 @@ import numpy as np
 from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 
-from mano_jax import lbs
 from mano_jax._atomic import atomic_path
 from mano_jax.model import ManoModel
 from mano_jax.priors import JointLimits, PosePrior
@@ -384,14 +383,6 @@ def _rounds(problem, hand, ids, poses: Poses, betas, weights, rounds, *, frame_s
 # ------------------------------------------------------------------------------------------------------
 # Stage 0: initialisation
 # ------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Initialisation:
-    poses: Poses  # (1, ...) the frame's pose
-    betas: np.ndarray
-    scale: float
-    cost: float
 
 
 def _principal_axes(x: np.ndarray) -> np.ndarray:
