@@ -228,7 +228,7 @@ def test_mirrored_left_registrations_learn_the_same_model(model, data, learned):
     pose = np.asarray(learned.poses.hand_pose[:3])
     right = forward(learned.model, hand_pose=pose).vertices
     left_v = forward(learned.left_model, hand_pose=pose * np.tile([1.0, -1.0, -1.0], 15)).vertices
-    np.testing.assert_allclose(left_v, right * np.array([-1.0, 1.0, 1.0]), atol=1e-12)
+    np.testing.assert_allclose(left_v, np.asarray(right) * np.array([-1.0, 1.0, 1.0]), atol=1e-12)
 
 
 def test_learned_model_saves_loads_and_poses(learned, tmp_path):
@@ -244,30 +244,39 @@ def test_learned_model_saves_loads_and_poses(learned, tmp_path):
 # --- interfaces and bad input -------------------------------------------------------------------------
 
 
-def test_cli_learns_from_an_npz_and_resumes_from_its_checkpoint(model, data, tmp_path, capsys):
-    import argparse
-
-    from mano_jax.learn.cli import add_commands
+def test_cli_learns_from_an_npz_and_resumes_from_its_checkpoint(data, tmp_path, capsys):
+    from mano_jax.cli import main
 
     regs, _, held = data
     src = save_registrations(regs.subset(np.flatnonzero(~held)), tmp_path / "regs.npz")
-    parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers())
     out = tmp_path / "model.npz"
     argv = ["learn", str(src), "--out", str(out), "--iterations", "1", "--quiet",
             "--checkpoint-dir", str(tmp_path / "ckpt")]  # fmt: skip
-    args = parser.parse_args(argv)
-    assert args.func(args) == 0
+    assert main(argv) == 0
     report = json.loads(out.with_suffix(".report.json").read_text())
     assert [h["iteration"] for h in report["iterations"]] == [0, 1]
-    assert io.load_model(tmp_path / "model_left.npz").side == "left"
+    printed = capsys.readouterr().out
+    assert "data error" in printed and "locality" in printed
+    learned = io.load_model(out, dtype=jnp.float64)
+    assert learned.side == "right" and io.load_model(tmp_path / "model_left.npz").side == "left"
+    posed = forward(learned, hand_pose=np.full(45, 0.2), betas=np.ones(2)).vertices
+    assert posed.shape == (learned.num_vertices, 3) and np.isfinite(np.asarray(posed)).all()
     # asking for one more iteration resumes after the saved ones instead of starting over
-    args = parser.parse_args(argv[:4] + ["2"] + argv[5:])
-    assert args.func(args) == 0
+    assert main(argv[:5] + ["2"] + argv[6:]) == 0
     again = json.loads(out.with_suffix(".report.json").read_text())
     assert again["iterations"][:2] == report["iterations"]
     assert len(again["iterations"]) == 3
-    assert "learned from" in capsys.readouterr().out
+
+
+def test_cli_names_a_bad_registrations_file(tmp_path, capsys):
+    from mano_jax.cli import main
+
+    bad = tmp_path / "scans.npz"
+    bad.write_bytes(b"not a zip file")
+    assert main(["learn", str(bad), "--out", str(tmp_path / "m.npz"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "mano-jax learn: error:" in err and "scans.npz" in err and "unreadable" in err
+    assert not (tmp_path / "m.npz").exists()
 
 
 def test_bad_registrations_are_refused_with_the_file_and_problem(model, tmp_path):

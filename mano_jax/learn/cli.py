@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from .trainer import LearnConfig
@@ -59,13 +58,13 @@ def run_learn(args: argparse.Namespace) -> int:
 
     from .. import io
     from .._atomic import atomic_path
+    from ..cli import UserError
     from .data import load_registrations
     from .trainer import learn
 
     for name in ("iterations", "num_betas", "chunk_size"):
         if getattr(args, name) < 1:
-            print(f"mano-jax learn: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
-            return 2
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     try:
         init = io.load_model(args.init, dtype=jnp.float64)
         regs = load_registrations(args.registrations)
@@ -75,8 +74,7 @@ def run_learn(args: argparse.Namespace) -> int:
         )  # fmt: skip
         result = learn(regs, init, config, checkpoint_dir=args.checkpoint_dir, progress=not args.quiet)
     except (ValueError, FileNotFoundError) as e:
-        print(f"mano-jax learn: {e}", file=sys.stderr)
-        return 2
+        raise UserError(str(e)) from None
     io.save_model(result.model, args.out)
     left = args.out_left or _left_path(args.out)
     io.save_model(result.left_model, left)

@@ -66,6 +66,12 @@ def pose_vertices(model: ManoModel, template, global_rot, hand_pose, transl) -> 
     return lbs.skin(template + correctives(model, hand_pose), model.weights, t)
 
 
+def _det3(a):
+    """det of (*, 3, 3) matrices in closed form (LAPACK's batched LU can deadlock inside loops, see
+    `templates._solve3`)."""
+    return jnp.sum(a[..., 0, :] * jnp.cross(a[..., 1, :], a[..., 2, :]), axis=-1)
+
+
 def _kabsch(source, target, weights):
     """Rotations R_k minimising sum_v w_kv |R_k (x_v - x_k) - (y_v - y_k)|^2, x_k, y_k weighted means.
 
@@ -77,7 +83,7 @@ def _kabsch(source, target, weights):
     outer = (source[:, :, None] * target[:, None, :]).reshape(-1, 9)
     cov = (weights @ outer).reshape(-1, 3, 3) - total[:, :, None] * x_mean[:, :, None] * y_mean[:, None, :]
     u, _, vt = jnp.linalg.svd(cov)
-    d = jnp.sign(jnp.linalg.det(jnp.swapaxes(vt, -1, -2) @ jnp.swapaxes(u, -1, -2)))
+    d = jnp.sign(_det3(jnp.swapaxes(vt, -1, -2) @ jnp.swapaxes(u, -1, -2)))
     fix = jnp.stack([jnp.ones_like(d), jnp.ones_like(d), d], axis=-1)
     rot = jnp.swapaxes(vt, -1, -2) @ (fix[:, :, None] * jnp.swapaxes(u, -1, -2))
     return rot, x_mean, y_mean

@@ -10,9 +10,9 @@ The ground truth is a starting model (the default open hand unless given) with
   indistinguishable from a pose); each subject's hand is a standard-normal draw of betas in it;
 - a planted pose space: six synergies built from the rest joints (curl of the index, of the middle, of
   ring and pinky together, thumb flexion, thumb opposition, finger spread), with uniformly drawn
-  coefficients around a mildly curled mean, plus independent jitter on every joint. The jitter is what
-  real hands have and what makes all nine pose features of each joint vary, so that all of P is
-  observable.
+  coefficients around a mildly curled mean, plus small independent jitter on every joint (0.05 rad,
+  a variance 0.0025 against 0.04..1 along the synergies, so the poses lie near a 6-D subspace). The
+  jitter is what real hands have and what makes all nine pose features of each joint vary.
 
 Registrations are the ground-truth model posed (random global rotation and translation) plus Gaussian
 noise on every coordinate. Lengths are metres, angles radians.
@@ -146,7 +146,7 @@ def pose_synergies(model: ManoModel) -> np.ndarray:
     return np.stack([r.reshape(45) for r in rows])
 
 
-def sample_poses(synergies, n: int, rng, jitter: float = 0.1) -> np.ndarray:
+def sample_poses(synergies, n: int, rng, jitter: float = 0.05) -> np.ndarray:
     """(n, 45) hand poses: uniform synergy coefficients (curls -0.2..1.3 rad, thumb -0.2..0.8, opposition
     0..0.8, spread -0.3..0.4) plus N(0, jitter^2) on every axis-angle entry."""
     low = np.array([-0.2, -0.2, -0.2, -0.2, 0.0, -0.3])
@@ -164,7 +164,7 @@ def make_dataset(
     radius: float = 0.015,
     amplitude: float = 0.001,
     noise: float = 0.0005,
-    jitter: float = 0.1,
+    jitter: float = 0.05,
     seed: int = 0,
 ) -> tuple[Registrations, SyntheticTruth]:
     """Right-hand registrations of `num_subjects` hands, `per_subject` poses each, and the truth.

@@ -18,14 +18,32 @@ from ..model import ManoModel
 from .pose_fit import Poses, procrustes_init, rest_joints, skinning_transforms
 
 
+def _solve3(a, b):
+    """x with a x = b for (*, 3, 3) a and (*, 3) b, and det(a), by cofactors.
+
+    Not `jnp.linalg.solve`: jaxlib 0.10's batched LAPACK LU deadlocks on CPU when it runs inside a loop
+    (here `lax.map`) on a large batch, and the closed form is cheaper for 3 x 3 anyway.
+    """
+    r0, r1, r2 = a[..., 0, :], a[..., 1, :], a[..., 2, :]
+    c0, c1, c2 = jnp.cross(r1, r2), jnp.cross(r2, r0), jnp.cross(r0, r1)
+    det = jnp.sum(r0 * c0, axis=-1)
+    x = b[..., 0:1] * c0 + b[..., 1:2] * c1 + b[..., 2:3] * c2
+    return x / det[..., None], det
+
+
+def _inverse_skin(model, template, rot, pose, transl, points):
+    """(V, 3) rest-frame points that `template`'s skinning under the pose maps onto (V, 3) `points`, and
+    (V,) the determinants of the blended rotations."""
+    t = skinning_transforms(model, rest_joints(model, template), rot, pose, transl)
+    blended = jnp.einsum("vj,jab->vab", model.weights, t)
+    return _solve3(blended[..., :3], points - blended[..., 3])
+
+
 @partial(jax.jit, static_argnames=("chunk_size",))
 def _unpose(model, templates, hand_index, poses, targets, chunk_size):
     def one(args):
         target, h, rot, pose, transl = args
-        t = skinning_transforms(model, rest_joints(model, templates[h]), rot, pose, transl)
-        blended = jnp.einsum("vj,jab->vab", model.weights, t)
-        rest = jnp.linalg.solve(blended[..., :3], (target - blended[..., 3])[..., None])[..., 0]
-        return rest, jnp.linalg.det(blended[..., :3])
+        return _inverse_skin(model, templates[h], rot, pose, transl, target)
 
     xs = (targets, hand_index, poses.global_rot, poses.hand_pose, poses.transl)
     return jax.lax.map(one, xs, batch_size=chunk_size)
@@ -82,10 +100,7 @@ def average_templates(rest, hand_index, num_hands: int, weights=None) -> jax.Arr
 @jax.jit
 def _normalise(model, templates, reference):
     def one(template):
-        rot, pose, transl = procrustes_init(model, reference, template)
-        t = skinning_transforms(model, rest_joints(model, template), rot, pose, transl)
-        blended = jnp.einsum("vj,jab->vab", model.weights, t)
-        return jnp.linalg.solve(blended[..., :3], (template - blended[..., 3])[..., None])[..., 0]
+        return _inverse_skin(model, template, *procrustes_init(model, reference, template), template)[0]
 
     return jax.vmap(one)(templates)
 

@@ -18,7 +18,7 @@
 Robustness: a vertex whose blended skinning rotation has collapsed (determinant < 0.25) and every
 vertex of a registration whose fit is an outlier (RMS error above max(4 x median, median + 3 mm))
 are replaced by the current model's prediction before the closed-form steps, so they cannot pull
-the solution; the report names the outlier registrations.
+the solution; outliers are left out of the pose PCA too; the report names them.
 
 Skinning weights and the joint regressor are the starting model's (learning them is not implemented).
 Left registrations are mirrored into the right-hand training set; the left model is the mirror of the
@@ -157,6 +157,12 @@ def _load_state(path: Path, fingerprint: str, dtype):
             as_j("templates"), poses, json.loads(str(arrays["history"])))  # fmt: skip
 
 
+def _outliers(rms):
+    """(N,) bool: registrations whose fit RMS error is above max(4 x median, median + 3 mm)."""
+    med = jnp.median(rms)
+    return rms > jnp.maximum(4.0 * med, med + 0.003)
+
+
 def learn(
     registrations: Registrations,
     init: ManoModel,
@@ -218,8 +224,7 @@ def learn(
         """Unposed registrations minus correctives; untrustworthy vertices replaced by the templates."""
         unposed, det = unpose(model, templates, hand_index, poses, targets)
         corr = correctives(model, poses.hand_pose)
-        med = jnp.median(rms)
-        outlier = rms > jnp.maximum(4.0 * med, med + 0.003)
+        outlier = _outliers(rms)
         keep = (det > 0.25) & ~outlier[:, None]
         rest = jnp.where(keep[..., None], unposed - corr, templates[hand_index])
         return rest, corr, outlier
@@ -283,7 +288,8 @@ def learn(
     templates = np.asarray(templates, np.float64)
 
     shape = shape_pca(templates, config.num_betas) if num_hands >= 2 else None
-    pose = pose_pca(np.asarray(poses.hand_pose))
+    # A pose the model cannot fit is a failed fit, not a hand pose: it would add a direction of its own.
+    pose = pose_pca(np.asarray(poses.hand_pose)[~np.asarray(_outliers(rms))])
     if shape is not None and shape.shapedirs.shape[-1] > 0:
         v_template, shapedirs = shape.mean, shape.shapedirs
     else:
