@@ -117,14 +117,15 @@ def save_registrations(regs: Registrations, path: str | os.PathLike) -> Path:
 
 def _from_npz(path: Path) -> Registrations:
     try:
+        # Not a zip, numpy tries a pickle and refuses it with a ValueError that does not name the file.
         with np.load(path, allow_pickle=False) as data:
-            if "vertices" not in data.files:
-                raise ValueError(f"{path}: no 'vertices' array (expected (N, V, 3) registrations in metres)")
-            vertices = np.asarray(data["vertices"], np.float64)
-            get = lambda k: np.asarray(data[k]) if k in data.files else None  # noqa: E731
-            subject, is_left, names = get("subject"), get("is_left"), get("names")
-    except (OSError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path}: unreadable registrations file ({e})") from e
+            arrays = {k: np.asarray(data[k]) for k in ("vertices", "subject", "is_left", "names") if k in data.files}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: unreadable registrations file, expected an .npz ({e})") from None
+    if "vertices" not in arrays:
+        raise ValueError(f"{path}: no 'vertices' array (expected (N, V, 3) registrations in metres)")
+    vertices = arrays["vertices"].astype(np.float64)
+    subject, is_left, names = arrays.get("subject"), arrays.get("is_left"), arrays.get("names")
     if vertices.ndim != 3 or vertices.shape[-1] != 3:
         raise ValueError(f"{path}: 'vertices' must have shape (N, V, 3), got {vertices.shape}")
     n = vertices.shape[0]

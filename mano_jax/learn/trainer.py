@@ -1,7 +1,7 @@
 """Learning a hand model from registrations: the alternating optimisation and its report.
 
-    0. first templates, `init_rounds` times: poses (per-part Procrustes, then Levenberg-Marquardt,
-       later from the previous poses), then per hand the weighted mean of its unposed registrations,
+    0. first templates, `init_rounds` times: poses (first per-part Procrustes, later Levenberg-Marquardt
+       from the previous poses), then per hand the weighted mean of its unposed registrations,
        near-flat poses favoured (`templates.flat_pose_weights`) so the templates do not absorb the
        correctives between the flat and the mean pose, projected into the starting model's shape
        space (which keeps these early templates from absorbing pose errors);
@@ -55,10 +55,14 @@ class LearnConfig:
 
     iterations: int = 5
     """Alternations of poses -> (pose blend shapes, templates) after the first template estimate."""
-    init_rounds: int = 3
+    init_rounds: int = 5
     """Rounds of poses -> first templates (iteration 0)."""
-    first_pose_iterations: int = 8
-    """Levenberg-Marquardt iterations of the first pose fit (from per-part Procrustes)."""
+    first_pose_iterations: int = 0
+    """Levenberg-Marquardt iterations of the first pose fit, from per-part Procrustes. 0 keeps the
+    Procrustes poses: part rotations hardly depend on the template's proportions, while a fit to the
+    starting template bends the fingers to make up for wrong bone lengths, and the first templates
+    inherit that bend (measured: a hand 2.8 standard deviations from the starting shape kept 30-degree
+    thumb errors to the end with 8 iterations here and 3 rounds, 2.5 degrees with 0 and 5 rounds)."""
     pose_iterations: int = 3
     """Levenberg-Marquardt iterations of later pose fits (started from the previous poses)."""
     flat_sigma: float = 0.25
