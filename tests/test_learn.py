@@ -176,7 +176,7 @@ def test_rigid_free_removes_exactly_rigid_correctives(model, data):
 
 def test_learned_correctives_match_planted_on_held_out_poses(learned, data):
     _, truth, held = data
-    assert _corrective_error(learned.model.posedirs, truth, truth.hand_pose[held]) < 0.35
+    assert _corrective_error(learned.model.posedirs, truth, truth.hand_pose[held]) < 0.25  # measured 0.14
 
 
 def test_learned_model_halves_held_out_error_of_learning_without_pose_blend_shapes(model, data, learned):
@@ -184,7 +184,7 @@ def test_learned_model_halves_held_out_error_of_learning_without_pose_blend_shap
     baseline = _learn(model, regs.subset(np.flatnonzero(~held)), learn_posedirs=False)
     ours = _held_out_model_error(learned, data).mean()
     theirs = _held_out_model_error(baseline, data).mean()
-    assert ours < 0.5 * theirs, (ours, theirs)
+    assert ours < 0.3 * theirs, (ours, theirs)  # measured 0.14
 
 
 def test_cost_matrix_keeps_correctives_local(model, data, learned):
@@ -199,17 +199,17 @@ def test_cost_matrix_keeps_correctives_local(model, data, learned):
 def test_pose_space_recovers_planted_synergies(learned, data):
     _, truth, _ = data
     angles = principal_angles(learned.pose_space.hands_components[:6], truth.pose_basis)
-    assert angles.max() < 15.0, angles
-    assert learned.pose_space.explained[5] > 0.8  # six components carry most of the variance
+    assert angles.max() < 12.0, angles  # measured 9.8; PCA of 96 poses
+    assert learned.pose_space.explained[5] > 0.9  # six components carry most of the variance
 
 
 def test_shape_space_recovers_planted_shape_directions(learned, data):
     _, truth, _ = data
     learned_dirs = np.asarray(learned.model.shapedirs)[:, :, :4].reshape(-1, 4).T
     angles = principal_angles(learned_dirs, np.asarray(truth.model.shapedirs).reshape(-1, 4).T)
-    assert angles[:2].max() < 5.0 and angles.max() < 25.0, angles
-    assert learned.shape_space.explained[3] > 0.95
-    assert np.abs(learned.templates - truth.templates).max() < 2e-3
+    assert angles[:2].max() < 5.0 and angles.max() < 10.0, angles  # measured 0.5, 2.4, 2.9, 6.1
+    assert learned.shape_space.explained[3] > 0.99
+    assert np.abs(learned.templates - truth.templates).max() < 1e-3
 
 
 def test_first_templates_down_weighting_posed_registrations_helps(model, data):
