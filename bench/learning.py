@@ -148,7 +148,8 @@ def main(argv=None) -> int:
     floor = principal_angles(pose_pca(truth.hand_pose[~held]).hands_components[:6], truth.pose_basis).tolist()
     main_run, base = runs["learned"], runs["no_pose_blend_shapes"]
     summary = {
-        "registrations": {"train": train.num, "held_out": test.num, "hands": args.subjects, "vertices": regs.num_vertices},
+        "registrations": {"train": train.num, "held_out": test.num, "hands": args.subjects,
+                          "vertices": regs.num_vertices},  # fmt: skip
         "learn_seconds": main_run["seconds"],
         "corrective_error": main_run["corrective_error"],
         "corrective_error_given_planted_poses_and_templates": corrective_floor,

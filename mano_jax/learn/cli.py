@@ -95,6 +95,7 @@ def run_learn(args: argparse.Namespace) -> int:
               + ", ".join(f"{x:.3f}" for x in shape[:5]))  # fmt: skip
     leak = [x for x in rep["locality"]["leakage_per_joint"] if x is not None]
     if leak:
-        print(f"  locality: max fraction of a joint's corrective beyond {rep['locality']['radius_m']} m: {max(leak):.4f}")
+        radius = rep["locality"]["radius_m"]
+        print(f"  locality: max fraction of a joint's corrective beyond {radius} m: {max(leak):.4f}")
     print(f"wrote {args.out}, {left}, {report_path}")
     return 0

@@ -289,5 +289,6 @@ def fit_poses(
         )
     basis = None if basis is None else jnp.asarray(basis, dtype)
     return _fit_all(
-        model, templates, jnp.asarray(hand_index, jnp.int32), targets, start, basis, jnp.asarray(iterations), chunk_size=min(chunk_size, n), init=jnp.asarray(init),
+        model, templates, jnp.asarray(hand_index, jnp.int32), targets, start, basis, jnp.asarray(iterations),
+        chunk_size=min(chunk_size, n), init=jnp.asarray(init),
     )  # fmt: skip
