@@ -53,8 +53,10 @@ from .templates import average_templates, flat_pose_weights, normalise_templates
 class LearnConfig:
     """Settings of `learn`. Lengths in metres, angles in radians."""
 
-    iterations: int = 5
-    """Alternations of poses -> (pose blend shapes, templates) after the first template estimate."""
+    iterations: int = 8
+    """Alternations of poses -> (pose blend shapes, templates) after the first template estimate. The
+    data error settles after about 4, the correctives later (bench, 1,811 registrations: corrective
+    error 10.0 % after 5, 8.5 % after 8)."""
     init_rounds: int = 5
     """Rounds of poses -> first templates (iteration 0)."""
     first_pose_iterations: int = 0
