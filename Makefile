@@ -40,6 +40,7 @@ bench: system-deps $(VENV)/.installed-dev
 	$(BIN)/python bench/forward.py
 	$(BIN)/python bench/registration.py
 	$(BIN)/python bench/keypoints.py
+	$(BIN)/python bench/learning.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

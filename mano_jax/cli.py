@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 # Modules that contribute subcommands, each with `add_commands(subparsers)`.
-_COMMAND_MODULES = ("registration.cli", "registration.cli_keypoints")
+_COMMAND_MODULES = ("registration.cli", "registration.cli_keypoints", "mano_jax.learn.cli")
 
 
 class UserError(Exception):
