@@ -97,15 +97,18 @@ class RegistrationConfig:
     track_prior_boost: float = 20.0
     """The pose prior is this much stronger while tracking with the initial template (whose shape is
     still rough): poses stay plausible until the subject template is known."""
+    track_smoothing: float = 0.4
+    """The temporal weights are multiplied by this while tracking with the initial template: frames
+    joining a window start from an extrapolation, which strong smoothing would hold them to."""
     track_rounds: int = 2
     """Correspondence updates per window once all its frames are in (tracking from the initial template)."""
     refine_rounds: int = 3
     """Correspondence updates per window when refining with the fitted template."""
-    gauss_newton_steps: int = 3
+    gauss_newton_steps: int = 2
     """Gauss-Newton steps per correspondence update."""
     velocity_weight: float = 0.02
     """Weight of the squared velocity of marker vertices between frames (per marker, mm^2)."""
-    acceleration_weight: float = 2.0
+    acceleration_weight: float = 5.0
     """Weight of the squared acceleration of marker vertices (per marker, mm^2)."""
     num_markers: int = 64
     """Vertices (spread over the surface) on which temporal smoothness is measured."""

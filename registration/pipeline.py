@@ -32,7 +32,6 @@ import numpy as np
 from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 
-from mano_jax import lbs
 from mano_jax._atomic import atomic_path
 from mano_jax.model import ManoModel
 from mano_jax.priors import JointLimits, PosePrior
@@ -386,14 +385,6 @@ def _rounds(problem, hand, ids, poses: Poses, betas, weights, rounds, *, frame_s
 # ------------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Initialisation:
-    poses: Poses  # (1, ...) the frame's pose
-    betas: np.ndarray
-    scale: float
-    cost: float
-
-
 def _principal_axes(x: np.ndarray) -> np.ndarray:
     """(3, 3) principal axes of a point set as columns, largest variance first, right-handed."""
     c = x - np.median(x, axis=0)
@@ -700,6 +691,7 @@ def track(
     residual: np.ndarray | None = None,
     estimated: np.ndarray | None = None,
     prior_boost: float = 1.0,
+    smoothing: float = 1.0,
     on_window=None,
     progress=False,
     desc="stage 2: tracking",
@@ -724,7 +716,12 @@ def track(
     w = cfg.window
     step = w - cfg.overlap if temporal else w
     weights = problem.weights(temporal=temporal)
-    weights = dataclasses.replace(weights, pose_prior=weights.pose_prior * prior_boost)
+    weights = dataclasses.replace(
+        weights,
+        pose_prior=weights.pose_prior * prior_boost,
+        velocity=weights.velocity * smoothing,
+        acceleration=weights.acceleration * smoothing,
+    )
     estimated = solved.copy() if estimated is None else estimated
     energy = np.zeros(t_total) if energy is None else energy
     residual = np.zeros(t_total) if residual is None else residual
@@ -1007,7 +1004,8 @@ class Registration:
             estimated[self.first] = True
             r = track(
                 problem, hand0, self.betas, self.poses, start=start, solved=solved, extrapolate=True,
-                estimated=estimated, prior_boost=cfg.track_prior_boost, rounds=cfg.track_rounds, on_window=save,
+                estimated=estimated, prior_boost=cfg.track_prior_boost, smoothing=cfg.track_smoothing,
+                rounds=cfg.track_rounds, on_window=save,
                 progress=self.progress, desc="tracking (initial template)",
             )
             self.retried += r

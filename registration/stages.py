@@ -37,13 +37,12 @@ from mano_jax import lbs
 from mano_jax.model import ManoModel
 from mano_jax.priors import JointLimits, PosePrior
 
-from .correspondences import closest_on_triangles, face_normals, vertex_normals
+from .correspondences import closest_on_triangles, vertex_normals
 
 NUM_POSE = 45
 NUM_FRAME_PARAMS = 51  # hand pose 45, rotation increment 3, translation 3
 MM2 = 1e6  # data residuals are costed in mm^2
-LINE_SEARCH = (1.0, 0.5)
-_CG_ITERATIONS = 24
+_CG_ITERATIONS = 24  # conjugate-gradient iterations of a window's temporally coupled system
 _EPS_DAMPING = 1e-3
 
 
@@ -609,7 +608,7 @@ def solve(hand, priors, frames, matches, params, shape, shape_mask, boundary, bo
             z = (lmat @ u.reshape(lmat.shape[0], -1))[2:].reshape(y.shape) - diag_t[:, None, None] * u[2:]
             return jnp.einsum("bpq,bq->bp", hb, x) + jnp.einsum("bmcp,bmc->bp", jm, z)
 
-        dp_time = _pcg(apply_a, -gp, lambda r: block_solve(r[..., None])[..., 0], 24)
+        dp_time = _pcg(apply_a, -gp, lambda r: block_solve(r[..., None])[..., 0], _CG_ITERATIONS)
 
         # Shared shape: eliminate the frames (Schur complement), solve the shape, back-substitute.
         keep = shape_mask
