@@ -51,10 +51,11 @@ class RegistrationConfig:
     # --- priors ------------------------------------------------------------------------------------
     pose_prior_weight: float = 0.001
     """Weight of the PCA-space (Mahalanobis) pose prior `mano_jax.priors.PosePrior`."""
-    pose_prior_min_std: float = 0.15
+    pose_prior_min_std: float = 0.05
     """Floor (radians) on the standard deviation of each PCA pose coefficient in the prior: a pose space
-    learnt from few poses has near-zero variance in many directions, and real motion leaves that span."""
-    joint_limit_weight: float = 0.1
+    learnt from few poses has near-zero variance in many directions, and real motion leaves that span.
+    Much looser floors let a finger's PIP and DIP drift apart where partial scans do not see them."""
+    joint_limit_weight: float = 1.0
     """Weight of the joint-angle limit penalty `mano_jax.priors.JointLimits`."""
     shape_prior_weight: float = 0.001
     """Weight of the shape prior (squared norm of `betas`)."""
@@ -104,6 +105,17 @@ class RegistrationConfig:
     """Correspondence updates per window once all its frames are in (tracking from the initial template)."""
     refine_rounds: int = 3
     """Correspondence updates per window when refining with the fitted template."""
+    kernel_schedule: tuple[float, ...] = (3.0, 1.5)
+    """Robust-kernel widths and model -> scan gates (multiples of `robust_scale`, `model_to_scan_gate`) of a
+    tracking window's first correspondence rounds (the last round always uses the configured ones): a
+    finger that starts a centimetre off its scan points would see them as outliers under the narrow kernel
+    and stay there."""
+    finger_hypotheses: bool = True
+    """While tracking with the initial template, re-fit each window's last frame from poses with one
+    finger opened or curled, and move that finger in the whole window when that fits clearly better
+    (fingers otherwise stay stuck in a wrong pose once their scan points are out of the kernel's reach)."""
+    hypothesis_margin: float = 0.05
+    """A finger hypothesis must lower the frame's energy by this share to be taken."""
     gauss_newton_steps: int = 2
     """Gauss-Newton steps per correspondence update."""
     velocity_weight: float = 0.02

@@ -201,16 +201,13 @@ def prepare(scans, model: ManoModel, config: RegistrationConfig) -> Problem:
         names=tuple(scans.names),
         unordered=bool(unordered),
         solve_scale=bool(solve_scale),
-        priors=stages.Priors(pose=_pose_prior(model, config.pose_prior_min_std), limits=JointLimits.default(model)),
+        priors=stages.Priors(
+            pose=PosePrior.from_model(model, min_std=config.pose_prior_min_std), limits=JointLimits.default(model)
+        ),
         vertex_faces=vertex_faces(faces, model.num_vertices),
         mesh=stages.Mesh(edges=jnp.asarray(edges), degree=jnp.asarray(degree, model.dtype)),
         cut_offset=stages.wrist_cut_offset(model, config.forearm_margin),
     )
-
-
-def _pose_prior(model: ManoModel, min_std: float) -> PosePrior:
-    prior = PosePrior.from_model(model)
-    return dataclasses.replace(prior, var=jnp.maximum(prior.var, jnp.asarray(min_std**2, prior.var.dtype)))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -346,11 +343,13 @@ class Poses:
 
 
 def _rounds(problem, hand, ids, poses: Poses, betas, weights, rounds, *, frame_scale=None, log_scale=0.0,
-            shape_mask=None, boundary=None, slot_scales=None):
+            shape_mask=None, boundary=None, slot_scales=None, widen=()):
     """`rounds` x (correspondences, Gauss-Newton steps) on a batch of frames `ids` (-1 = padding).
 
     Points are divided by `frame_scale` (default the problem's scale; or per slot `slot_scales`); the
     model is scaled by exp(`log_scale`). `shape_mask` (S + 1,) selects shared betas / log scale to solve.
+    `widen`: robust-kernel and gate multipliers of the first rounds (never the last, so the energies and
+    distances returned are the configured ones).
     Returns (Poses, betas, log scale, energy (B,), distances (B, N), kept points (B, N)).
     """
     dt = problem.model.dtype
@@ -364,10 +363,12 @@ def _rounds(problem, hand, ids, poses: Poses, betas, weights, rounds, *, frame_s
         boundary = (jnp.zeros((2, m, 3), dt), jnp.zeros((2,), dt))
     verts, _ = _posed_batch(hand, params, shape[:-1], jnp.exp(shape[-1]))
     steps = jnp.asarray(problem.config.gauss_newton_steps, jnp.int32)
-    for _ in range(rounds):
+    for r in range(rounds):
+        wide = widen[r] if r < min(len(widen), rounds - 1) else 1.0
+        w = dataclasses.replace(weights, robust_scale=weights.robust_scale * wide, gate=weights.gate * wide)
         matches = match(problem, ids, verts, frame_scale, slot_scales)
         params, shape, cost, verts, dist, rd = stages.solve(
-            hand, problem.priors, frames, matches, params, shape, mask, boundary[0], boundary[1], weights, steps
+            hand, problem.priors, frames, matches, params, shape, mask, boundary[0], boundary[1], w, steps
         )
     shape = np.asarray(shape, np.float64)
     return (
@@ -692,6 +693,7 @@ def track(
     estimated: np.ndarray | None = None,
     prior_boost: float = 1.0,
     smoothing: float = 1.0,
+    hypotheses: bool = False,
     on_window=None,
     progress=False,
     desc="stage 2: tracking",
@@ -704,7 +706,9 @@ def track(
     each starting from a constant-velocity extrapolation of the two frames before it (so every frame
     starts next to its neighbour's solution); otherwise frames start from their entry in `poses`.
     `energy` and `residual` (T,) receive each committed frame's final energy and median scan-to-model
-    distance (scan metres). `on_window(next_start)` is called after each window's frames are committed.
+    distance (scan metres). With `hypotheses`, each window's last committed frame is checked for a
+    finger stuck in the wrong basin (`_finger_hypotheses`). `on_window(next_start)` is called after each
+    window's frames are committed.
 
     Returns the frames that diverged and were retried.
     """
@@ -738,7 +742,9 @@ def track(
         window_poses = poses.take(np.where(ids >= 0, ids, real[-1]))
         if extrapolate and temporal:
             _progress_through(problem, hand, ids, window_poses, betas, weights, boundary, poses, estimated, s)
-        new, _, _, cost, dist, keep = _rounds(problem, hand, ids, window_poses, betas, weights, rounds, boundary=boundary)
+        new, _, _, cost, dist, keep = _rounds(
+            problem, hand, ids, window_poses, betas, weights, rounds, boundary=boundary, widen=cfg.kernel_schedule
+        )
         estimated[real] = True
         diverged = _diverged(problem, ids, new, cost, cfg.divergence_factor)
         if diverged.any():
@@ -766,6 +772,10 @@ def track(
         last_window = s == windows[-1]
         commit = np.arange(w) if (last_window or not temporal) else np.arange(step)
         commit = commit[ids[commit] >= 0]
+        if hypotheses and temporal:
+            better = _finger_hypotheses(problem, hand, ids, new, cost, betas, weights, boundary, commit[-1], rounds)
+            if better is not None:
+                new, cost, dist, keep = better
         frames_c = ids[commit]
         poses.put(frames_c, new.take(commit))
         solved[frames_c] = True
@@ -782,6 +792,54 @@ def track(
         bar.update(1)
     bar.close()
     return retried
+
+
+# Hand-pose entries (axis-angle of MANO joints 1..15) of each finger: index, middle, pinky, ring, thumb.
+_FINGER_PARAMS = tuple(np.arange(3 * (j - 1), 3 * (j + 2)) for j in (1, 4, 7, 10, 13))
+_FINGER_NAMES = ("index", "middle", "pinky", "ring", "thumb")
+
+
+def _finger_hypotheses(problem, hand, ids, poses: Poses, cost, betas, weights, boundary, slot, rounds):
+    """Escape a finger stuck in a wrong local minimum, which tracking alone never leaves: a finger fitted
+    curled while the scan's finger opens (its points lie centimetres away, outliers to the robust kernel)
+    stays curled for the rest of the sequence.
+
+    The window's frame in `slot` is re-fitted on its own from its current pose and from poses with one
+    finger opened flat or set to the model's mean curl (a window-sized batch: 1 + 9 starts). When a
+    changed finger wins clearly, that finger is moved in every frame of the window and the window
+    re-solved; the re-solved window is kept if its energy is lower. Returns (poses, cost, dist, keep) or
+    None.
+    """
+    w = len(ids)
+    frame = ids[slot]
+    if frame < 0 or not problem.valid[frame] or not np.isfinite(cost[slot]):
+        return None
+    mean = np.asarray(problem.model.hands_mean, np.float64)
+    start = poses.take(np.full(w, slot))
+    changed = [None]
+    for k, idx in enumerate(_FINGER_PARAMS):
+        for target in (np.zeros(len(idx)), mean[idx]):
+            if len(changed) < w and not np.allclose(start.hand_pose[0, idx], target, atol=0.1):
+                start.hand_pose[len(changed), idx] = target
+                changed.append((k, idx))
+    alone = dataclasses.replace(weights, velocity=weights.velocity * 0, acceleration=weights.acceleration * 0)
+    batch = np.where(np.arange(w) < len(changed), frame, -1)
+    tried, _, _, c, _, _ = _rounds(problem, hand, batch, start, betas, alone, rounds, widen=problem.config.kernel_schedule)
+    c = np.where(np.isfinite(c) & tried.finite(), c, np.inf)[: len(changed)]
+    best = int(np.argmin(c))
+    if best == 0 or c[best] > (1.0 - problem.config.hypothesis_margin) * c[0]:
+        return None
+    finger, idx = changed[best]
+    moved = poses.copy()
+    moved.hand_pose[:, idx] += tried.hand_pose[best, idx] - poses.hand_pose[slot, idx]
+    new, _, _, cost2, dist2, keep2 = _rounds(
+        problem, hand, ids, moved, betas, weights, rounds, boundary=boundary, widen=problem.config.kernel_schedule
+    )
+    real = ids >= 0
+    if not np.all(np.isfinite(cost2[real])) or np.sum(cost2[real]) >= np.sum(cost[real]):
+        return None
+    logger.info("frames %s: %s finger moved out of a local minimum", ids[real].tolist(), _FINGER_NAMES[finger])
+    return new, cost2, dist2, keep2
 
 
 def _progress_through(problem, hand, ids, window_poses: Poses, betas, weights, boundary, poses: Poses, estimated, s):
@@ -1005,7 +1063,7 @@ class Registration:
             r = track(
                 problem, hand0, self.betas, self.poses, start=start, solved=solved, extrapolate=True,
                 estimated=estimated, prior_boost=cfg.track_prior_boost, smoothing=cfg.track_smoothing,
-                rounds=cfg.track_rounds, on_window=save,
+                rounds=cfg.track_rounds, hypotheses=cfg.finger_hypotheses, on_window=save,
                 progress=self.progress, desc="tracking (initial template)",
             )
             self.retried += r
