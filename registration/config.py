@@ -49,7 +49,7 @@ class RegistrationConfig:
     """Weight of 3D keypoints in the stage-0 initialisation."""
 
     # --- priors ------------------------------------------------------------------------------------
-    pose_prior_weight: float = 0.001
+    pose_prior_weight: float = 0.005
     """Weight of the PCA-space (Mahalanobis) pose prior `mano_jax.priors.PosePrior`."""
     pose_prior_min_std: float = 0.05
     """Floor (radians) on the standard deviation of each PCA pose coefficient in the prior: a pose space

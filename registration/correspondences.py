@@ -42,8 +42,8 @@ def vertex_neighbours(faces: np.ndarray, num_vertices: int) -> tuple[np.ndarray,
     return edges.astype(np.int32), degree
 
 
-def _segment_closest(p, a, b):
-    """Closest point to p on segment ab: parameter t in [0, 1] and squared distance."""
+def closest_on_segment(p, a, b):
+    """Closest point to p (*, 3) on segment ab: parameter t in [0, 1] and squared distance (*,)."""
     ab = b - a
     t = jnp.sum((p - a) * ab, axis=-1) / jnp.maximum(jnp.sum(ab * ab, axis=-1), 1e-30)
     t = jnp.clip(t, 0.0, 1.0)
@@ -73,9 +73,9 @@ def closest_on_triangles(p: jax.Array, a: jax.Array, b: jax.Array, c: jax.Array)
     proj = u[..., None] * a + v[..., None] * b + w[..., None] * c - p
     d_in = jnp.where(inside, jnp.sum(proj * proj, -1), jnp.inf)
 
-    t_ab, d_ab = _segment_closest(p, a, b)
-    t_bc, d_bc = _segment_closest(p, b, c)
-    t_ca, d_ca = _segment_closest(p, c, a)
+    t_ab, d_ab = closest_on_segment(p, a, b)
+    t_bc, d_bc = closest_on_segment(p, b, c)
+    t_ca, d_ca = closest_on_segment(p, c, a)
     zero = jnp.zeros_like(t_ab)
     cands = jnp.stack([d_in, d_ab, d_bc, d_ca], axis=-1)
     barys = jnp.stack(

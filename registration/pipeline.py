@@ -805,7 +805,7 @@ def _finger_hypotheses(problem, hand, ids, poses: Poses, cost, betas, weights, b
     stays curled for the rest of the sequence.
 
     The window's frame in `slot` is re-fitted on its own from its current pose and from poses with one
-    finger opened flat or set to the model's mean curl (a window-sized batch: 1 + 9 starts). When a
+    finger opened flat or set to the model's mean curl (as many as a window-sized batch holds). When a
     changed finger wins clearly, that finger is moved in every frame of the window and the window
     re-solved; the re-solved window is kept if its energy is lower. Returns (poses, cost, dist, keep) or
     None.
@@ -817,8 +817,10 @@ def _finger_hypotheses(problem, hand, ids, poses: Poses, cost, betas, weights, b
     mean = np.asarray(problem.model.hands_mean, np.float64)
     start = poses.take(np.full(w, slot))
     changed = [None]
-    for k, idx in enumerate(_FINGER_PARAMS):
-        for target in (np.zeros(len(idx)), mean[idx]):
+    # Opened fingers first: a short window may not hold every hypothesis.
+    for opened in (True, False):
+        for k, idx in enumerate(_FINGER_PARAMS):
+            target = np.zeros(len(idx)) if opened else mean[idx]
             if len(changed) < w and not np.allclose(start.hand_pose[0, idx], target, atol=0.1):
                 start.hand_pose[len(changed), idx] = target
                 changed.append((k, idx))
@@ -1042,14 +1044,7 @@ class Registration:
         t0 = time.perf_counter()
         problem, cfg, t = self.problem, self.config, self.problem.num_frames
         if not problem.unordered:
-            saved = self.checkpoint.load("track")
-            solved = np.zeros(t, bool)
-            start = self.first
-            if saved is not None:
-                self.poses = Poses.from_arrays(saved, "")
-                solved = saved["solved"].astype(bool)
-                start = int(saved["next"])
-                self.retried = list(saved["retried"])
+            solved, start, _ = self._resume("track")
             hand0 = stages.make_hand(self.model, np.zeros_like(self.offsets), cfg.num_markers)
 
             def save(next_start):
@@ -1099,15 +1094,9 @@ class Registration:
         t0 = time.perf_counter()
         problem, cfg, t = self.problem, self.config, self.problem.num_frames
         hand = stages.make_hand(self.model, self.offsets, cfg.num_markers)
-        saved = self.checkpoint.load("stage2")
-        solved = np.zeros(t, bool)
-        start = self.first
+        solved, start, saved = self._resume("stage2")
         if saved is not None:
-            self.poses = Poses.from_arrays(saved, "")
-            solved = saved["solved"].astype(bool)
-            start = int(saved["next"])
             self.energy, self.residual = saved["energy"], saved["residual"]
-            self.retried = list(saved["retried"])
 
         def save(next_start):
             self.checkpoint.save(
@@ -1170,6 +1159,16 @@ class Registration:
     def posed_vertices(self) -> np.ndarray:
         """(T, V, 3) the current fit in scan coordinates."""
         return self.result().posed_vertices(self.model)
+
+    def _resume(self, name):
+        """Tracking state from checkpoint `name`: (solved frames (T,), next window start, stored arrays or
+        None); the stored poses and retried frames are taken over."""
+        saved = self.checkpoint.load(name)
+        if saved is None:
+            return np.zeros(self.problem.num_frames, bool), self.first, None
+        self.poses = Poses.from_arrays(saved, "")
+        self.retried = list(saved["retried"])
+        return saved["solved"].astype(bool), int(saved["next"]), saved
 
     def _require(self, step):
         if step not in self._done:

@@ -94,14 +94,21 @@ def test_bad_frame_is_bridged_without_nan(open_right, full_sequence):
 
 def test_resume_skips_finished_stages(open_right, full_sequence, tmp_path, monkeypatch):
     scans, _ = full_sequence
-    first = pipeline.register_sequence(scans, open_right, CONFIG, checkpoint_dir=tmp_path, progress=False)
+    # Keep stage 2's checkpoint as it was after its first window: what an interrupt there leaves behind.
+    windows = []
+    save = pipeline._Checkpoint.save
+
+    def keep_first_window(self, name, **arrays):
+        if name == "stage2" and not windows:
+            windows.append({k: np.array(v) for k, v in arrays.items()})
+        save(self, name, **arrays)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline._Checkpoint, "save", keep_first_window)
+        first = pipeline.register_sequence(scans, open_right, CONFIG, checkpoint_dir=tmp_path, progress=False)
     assert {p.name for p in tmp_path.glob("*.npz")} >= {"stage0.npz", "track.npz", "stage1.npz", "stage2.npz"}
-    # An interrupted stage 2: its checkpoint says only the first window is done.
-    with np.load(tmp_path / "stage2.npz") as data:
-        partial = {k: np.array(data[k]) for k in data.files}
-    partial["solved"][CONFIG.window - CONFIG.overlap :] = False
-    partial["next"] = np.array(CONFIG.window - CONFIG.overlap)
-    np.savez(tmp_path / "stage2.npz", **partial)
+    assert int(windows[0]["next"]) == CONFIG.window - CONFIG.overlap
+    np.savez(tmp_path / "stage2.npz", **windows[0])
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished stage was recomputed")
@@ -111,6 +118,32 @@ def test_resume_skips_finished_stages(open_right, full_sequence, tmp_path, monke
     second = pipeline.register_sequence(scans, open_right, CONFIG, checkpoint_dir=tmp_path, progress=False)
     np.testing.assert_allclose(second.betas, first.betas)
     np.testing.assert_allclose(second.hand_pose, first.hand_pose, atol=1e-4)
+
+
+def test_finger_hypotheses_free_a_finger_stuck_curled(open_right, full_sequence):
+    scans, truth = full_sequence
+    problem = pipeline.prepare(scans, open_right, CONFIG)
+    hand = stages.make_hand(open_right, truth.offsets, CONFIG.num_markers)
+    true_poses = pipeline.Poses(truth.hand_pose.copy(), Rotation.from_rotvec(truth.global_orient).as_matrix(), truth.transl.copy())
+    stuck = true_poses.copy()
+    ring = pipeline._FINGER_PARAMS[pipeline._FINGER_NAMES.index("ring")]
+    limits = problem.priors.limits
+    curled = np.array(limits.angles(jnp.asarray(stuck.hand_pose)))
+    curled[:, 9:12, 0] = np.deg2rad([70.0, 100.0, 70.0])  # ring MCP, PIP, DIP (MANO joints 10-12)
+    stuck.hand_pose[:, ring] = np.asarray(limits.pose_from_angles(jnp.asarray(curled)))[:, ring]
+    ids = np.arange(FRAMES)
+    weights = problem.weights(temporal=True)
+    boundary = pipeline._boundary(problem, hand, jnp.asarray(truth.betas), stuck, np.zeros(FRAMES, bool), 0, True)
+    stuck, _, _, cost, _, _ = pipeline._rounds(problem, hand, ids, stuck, truth.betas, weights, 2, boundary=boundary)
+
+    def ring_error_deg(poses):
+        return np.rad2deg(np.abs(poses.hand_pose[:, ring] - truth.hand_pose[:, ring]).max())
+
+    assert ring_error_deg(stuck) > 30.0  # tracking alone leaves it curled
+    freed = pipeline._finger_hypotheses(problem, hand, ids, stuck, cost, truth.betas, weights, boundary, FRAMES - 1, 2)
+    assert freed is not None
+    assert ring_error_deg(freed[0]) < 10.0, ring_error_deg(freed[0])
+    assert np.sum(freed[1]) < np.sum(cost)
 
 
 def test_checkpoint_of_another_input_is_not_reused(open_right, full_sequence, tmp_path):
