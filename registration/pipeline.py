@@ -220,6 +220,15 @@ def _posed_batch(hand, params, betas, scale):
     return stages.posed(hand, params, betas, scale)
 
 
+def _posed_window(problem: Problem, hand, poses: "Poses", betas, scale):
+    """`_posed_batch` of a few frames padded to a window's worth: every caller then shares one compiled
+    shape (each distinct batch size cost seconds of compilation)."""
+    n = len(poses.transl)
+    padded = poses.take(np.minimum(np.arange(max(problem.config.window, n)), n - 1))
+    verts, keypoints = _posed_batch(hand, padded.device(problem.model.dtype), betas, scale)
+    return verts[:n], keypoints[:n]
+
+
 def _closest_faces(verts, points, cand, faces):
     """(B, N) the closest triangle to each point among its candidates (B, N, K)."""
     return jax.vmap(lambda v, p, c: closest_on_candidates(p, v, faces, c)[0])(verts, points, cand)
@@ -448,9 +457,9 @@ def rigid_candidates(problem: Problem, frame: int, solve_scale: bool, scale: flo
     starts = _start_poses(model)
     rest_v = np.asarray(model.v_template, np.float64)
     picks = stages.farthest_points(rest_v, min(cfg.init_points, len(rest_v)))
-    out = _posed_batch(
-        stages.make_hand(model, np.zeros_like(rest_v), 1),
-        Poses(starts, np.tile(np.eye(3), (len(starts), 1, 1)), np.zeros((len(starts), 3))).device(dt),
+    out = _posed_window(
+        problem, stages.make_hand(model, np.zeros_like(rest_v), cfg.num_markers),
+        Poses(starts, np.tile(np.eye(3), (len(starts), 1, 1)), np.zeros((len(starts), 3))),
         jnp.zeros(model.num_betas, dt), jnp.ones((), dt),
     )
     posed_v, posed_kp = np.asarray(out[0], np.float64), np.asarray(out[1], np.float64)
@@ -882,7 +891,7 @@ def _boundary(problem, hand, betas, poses: Poses, solved, s, temporal):
     if not ok.any():
         return jnp.zeros((2, m, 3), dt), jnp.zeros((2,), dt)
     safe = np.where(prev >= 0, prev, 0)
-    verts, _ = _posed_batch(hand, poses.take(safe).device(dt), betas, jnp.ones((), dt))
+    verts, _ = _posed_window(problem, hand, poses.take(safe), betas, jnp.ones((), dt))
     return verts[:, hand.markers], jnp.asarray(ok, dt)
 
 
