@@ -116,6 +116,11 @@ class RegistrationConfig:
     (fingers otherwise stay stuck in a wrong pose once their scan points are out of the kernel's reach)."""
     hypothesis_margin: float = 0.05
     """A finger hypothesis must lower the frame's energy by this share to be taken."""
+    hypothesis_gate: float = 1.25
+    """Finger hypotheses are tried only in the first window and in windows where a frame has this many
+    times the median share (over the frames committed so far, at least 1%) of scan points a centimetre or
+    more from the model: a stuck finger leaves its points that far off, and trying hypotheses in every
+    window doubled the tracking time."""
     gauss_newton_steps: int = 2
     """Gauss-Newton steps per correspondence update."""
     velocity_weight: float = 0.02

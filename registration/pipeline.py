@@ -739,6 +739,7 @@ def track(
     energy = np.zeros(t_total) if energy is None else energy
     residual = np.zeros(t_total) if residual is None else residual
     retried = []
+    far_share = np.full(t_total, np.nan)
     b_jnp = jnp.asarray(betas, dt)
     windows = list(range(start, t_total, step)) if start < t_total else []
     # The last window may be shorter than a step: its end is the sequence end anyway.
@@ -781,7 +782,7 @@ def track(
         last_window = s == windows[-1]
         commit = np.arange(w) if (last_window or not temporal) else np.arange(step)
         commit = commit[ids[commit] >= 0]
-        if hypotheses and temporal:
+        if hypotheses and temporal and _finger_off(problem, ids, dist, keep, far_share):
             better = _finger_hypotheses(problem, hand, ids, new, cost, betas, weights, boundary, commit[-1], rounds)
             if better is not None:
                 new, cost, dist, keep = better
@@ -796,6 +797,7 @@ def track(
         for k, f in zip(commit, frames_c):
             d = dist[k][keep[k]] * problem.scale
             residual[f] = float(np.median(d)) if len(d) and problem.valid[f] else 0.0
+            far_share[f] = np.mean(d >= _FAR) if len(d) and problem.valid[f] else np.nan
         if on_window is not None:
             on_window(s + step if not last_window else t_total)
         bar.update(1)
@@ -806,6 +808,24 @@ def track(
 # Hand-pose entries (axis-angle of MANO joints 1..15) of each finger: index, middle, pinky, ring, thumb.
 _FINGER_PARAMS = tuple(np.arange(3 * (j - 1), 3 * (j + 2)) for j in (1, 4, 7, 10, 13))
 _FINGER_NAMES = ("index", "middle", "pinky", "ring", "thumb")
+
+
+# Scan points this far (metres) from the model are beyond the robust kernel's reach: a stuck finger's.
+_FAR = 0.01
+
+
+def _finger_off(problem, ids, dist, keep, far_share) -> bool:
+    """Whether a frame of the window has clearly more far scan points than the frames committed so far
+    (`far_share` (T,), NaN where not committed): the only windows worth the finger hypotheses' cost."""
+    seen = far_share[np.isfinite(far_share)]
+    if not len(seen):
+        return True
+    gate = max(problem.config.hypothesis_gate * float(np.median(seen)), 0.01)
+    for k in np.flatnonzero(ids >= 0):
+        d = dist[k][keep[k]] * problem.scale
+        if problem.valid[ids[k]] and len(d) and np.mean(d >= _FAR) > gate:
+            return True
+    return False
 
 
 def _finger_hypotheses(problem, hand, ids, poses: Poses, cost, betas, weights, boundary, slot, rounds):
