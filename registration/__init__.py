@@ -8,7 +8,7 @@ from .config import RegistrationConfig
 from .keypoints import KeypointFitConfig, fit_keypoints
 from .many import Task, read_manifest, run_many
 from .outputs import register_to_directory, scan_to_mesh_distance, write_outputs
-from .pipeline import register_sequence
+from .pipeline import Registration, RegistrationError, register_sequence
 from .result import RegistrationResult, load_result, save_result
 from .scans import ScanError, ScanSequence, ScanWarning, load_scans, save_scans
 from .synthetic import GroundTruth, make_sequence
@@ -16,7 +16,9 @@ from .synthetic import GroundTruth, make_sequence
 __all__ = [
     "GroundTruth",
     "KeypointFitConfig",
+    "Registration",
     "RegistrationConfig",
+    "RegistrationError",
     "RegistrationResult",
     "ScanError",
     "ScanSequence",

@@ -49,12 +49,13 @@ class RegistrationConfig:
     """Weight of 3D keypoints in the stage-0 initialisation."""
 
     # --- priors ------------------------------------------------------------------------------------
-    pose_prior_weight: float = 0.001
+    pose_prior_weight: float = 0.005
     """Weight of the PCA-space (Mahalanobis) pose prior `mano_jax.priors.PosePrior`."""
-    pose_prior_min_std: float = 0.15
+    pose_prior_min_std: float = 0.05
     """Floor (radians) on the standard deviation of each PCA pose coefficient in the prior: a pose space
-    learnt from few poses has near-zero variance in many directions, and real motion leaves that span."""
-    joint_limit_weight: float = 0.1
+    learnt from few poses has near-zero variance in many directions, and real motion leaves that span.
+    Much looser floors let a finger's PIP and DIP drift apart where partial scans do not see them."""
+    joint_limit_weight: float = 1.0
     """Weight of the joint-angle limit penalty `mano_jax.priors.JointLimits`."""
     shape_prior_weight: float = 0.001
     """Weight of the shape prior (squared norm of `betas`)."""
@@ -97,15 +98,34 @@ class RegistrationConfig:
     track_prior_boost: float = 20.0
     """The pose prior is this much stronger while tracking with the initial template (whose shape is
     still rough): poses stay plausible until the subject template is known."""
+    track_smoothing: float = 0.4
+    """The temporal weights are multiplied by this while tracking with the initial template: frames
+    joining a window start from an extrapolation, which strong smoothing would hold them to."""
     track_rounds: int = 2
     """Correspondence updates per window once all its frames are in (tracking from the initial template)."""
     refine_rounds: int = 3
     """Correspondence updates per window when refining with the fitted template."""
-    gauss_newton_steps: int = 3
+    kernel_schedule: tuple[float, ...] = (3.0, 1.5)
+    """Robust-kernel widths and model -> scan gates (multiples of `robust_scale`, `model_to_scan_gate`) of a
+    tracking window's first correspondence rounds (the last round always uses the configured ones): a
+    finger that starts a centimetre off its scan points would see them as outliers under the narrow kernel
+    and stay there."""
+    finger_hypotheses: bool = True
+    """While tracking with the initial template, re-fit each window's last frame from poses with one
+    finger opened or curled, and move that finger in the whole window when that fits clearly better
+    (fingers otherwise stay stuck in a wrong pose once their scan points are out of the kernel's reach)."""
+    hypothesis_margin: float = 0.05
+    """A finger hypothesis must lower the frame's energy by this share to be taken."""
+    hypothesis_gate: float = 1.25
+    """Finger hypotheses are tried only in the first window and in windows where a frame has this many
+    times the median share (over the frames committed so far, at least 1%) of scan points a centimetre or
+    more from the model: a stuck finger leaves its points that far off, and trying hypotheses in every
+    window doubled the tracking time."""
+    gauss_newton_steps: int = 2
     """Gauss-Newton steps per correspondence update."""
     velocity_weight: float = 0.02
     """Weight of the squared velocity of marker vertices between frames (per marker, mm^2)."""
-    acceleration_weight: float = 2.0
+    acceleration_weight: float = 5.0
     """Weight of the squared acceleration of marker vertices (per marker, mm^2)."""
     num_markers: int = 64
     """Vertices (spread over the surface) on which temporal smoothness is measured."""

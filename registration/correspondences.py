@@ -1,10 +1,11 @@
 """Correspondences between scan points and the model surface, and surface normals.
 
-Scan -> model: the closest point on the model's *triangles* (not only its vertices). A global search
-finds each scan point's nearest model vertex (`nearest_kdtree` on the host or `nearest_brute` in the
-graph); the closest point is then searched exactly among the triangles around that vertex
-(`closest_on_candidates`), a cheap in-graph step that the solvers repeat after every update while the
-vertex search runs once per round. Model -> scan: each model vertex's nearest scan point.
+Scan -> model: the closest point on the model's *triangles* (not only its vertices). Once per round a
+global search finds each scan point's nearest model vertex (a SciPy KD-tree on the host, or brute force
+in the graph; see `registration.pipeline.match`) and `closest_on_candidates` picks the closest of the
+triangles around it; during the round's Gauss-Newton steps the point keeps that triangle and
+`closest_on_triangles` slides the closest point over it as the model moves. Model -> scan: each model
+vertex's nearest scan point.
 
 bench/registration.py measures both nearest-neighbour searches and how often the one-ring candidates
 miss the true closest triangle.
@@ -41,8 +42,8 @@ def vertex_neighbours(faces: np.ndarray, num_vertices: int) -> tuple[np.ndarray,
     return edges.astype(np.int32), degree
 
 
-def _segment_closest(p, a, b):
-    """Closest point to p on segment ab: parameter t in [0, 1] and squared distance."""
+def closest_on_segment(p, a, b):
+    """Closest point to p (*, 3) on segment ab: parameter t in [0, 1] and squared distance (*,)."""
     ab = b - a
     t = jnp.sum((p - a) * ab, axis=-1) / jnp.maximum(jnp.sum(ab * ab, axis=-1), 1e-30)
     t = jnp.clip(t, 0.0, 1.0)
@@ -72,9 +73,9 @@ def closest_on_triangles(p: jax.Array, a: jax.Array, b: jax.Array, c: jax.Array)
     proj = u[..., None] * a + v[..., None] * b + w[..., None] * c - p
     d_in = jnp.where(inside, jnp.sum(proj * proj, -1), jnp.inf)
 
-    t_ab, d_ab = _segment_closest(p, a, b)
-    t_bc, d_bc = _segment_closest(p, b, c)
-    t_ca, d_ca = _segment_closest(p, c, a)
+    t_ab, d_ab = closest_on_segment(p, a, b)
+    t_bc, d_bc = closest_on_segment(p, b, c)
+    t_ca, d_ca = closest_on_segment(p, c, a)
     zero = jnp.zeros_like(t_ab)
     cands = jnp.stack([d_in, d_ab, d_bc, d_ca], axis=-1)
     barys = jnp.stack(
@@ -115,44 +116,12 @@ def closest_on_candidates(points: jax.Array, vertices: jax.Array, faces: jax.Arr
     return face, bary, dist
 
 
-def face_normals(vertices: jax.Array, faces: jax.Array) -> jax.Array:
-    """(*, F, 3) unit normals of the triangles (counter-clockwise = outward)."""
-    tri = vertices[..., faces, :]
-    n = jnp.cross(tri[..., 1, :] - tri[..., 0, :], tri[..., 2, :] - tri[..., 0, :])
-    return n / jnp.maximum(jnp.linalg.norm(n, axis=-1, keepdims=True), 1e-12)
-
-
 def vertex_normals(vertices: jax.Array, faces: jax.Array) -> jax.Array:
     """(V, 3) unit vertex normals: area-weighted sums of the incident triangles' normals."""
     tri = vertices[faces]
     n = jnp.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
     acc = jnp.zeros_like(vertices).at[faces.reshape(-1)].add(jnp.repeat(n, 3, axis=0))
     return acc / jnp.maximum(jnp.linalg.norm(acc, axis=-1, keepdims=True), 1e-12)
-
-
-def nearest_kdtree(targets: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest target for each query, frame by frame on the host: (B, M, 3), (B, Q, 3) -> ids, distances (B, Q)."""
-    targets = np.asarray(targets)
-    queries = np.asarray(queries)
-    ids = np.empty(queries.shape[:2], dtype=np.int32)
-    dist = np.empty(queries.shape[:2], dtype=np.float64)
-    for b in range(len(targets)):
-        dist[b], ids[b] = cKDTree(targets[b]).query(queries[b], k=1, workers=-1)
-    return ids, dist
-
-
-def nearest_brute(targets: jax.Array, queries: jax.Array) -> jax.Array:
-    """Nearest target ids (B, Q) for each query by brute force in the graph: (B, M, 3), (B, Q, 3).
-
-    Frames run one after another (`lax.map`) so memory stays at one (Q, M) distance matrix.
-    """
-
-    def one(args):
-        t, q = args
-        d2 = jnp.sum(q * q, -1)[:, None] - 2.0 * q @ t.T + jnp.sum(t * t, -1)[None, :]
-        return jnp.argmin(d2, axis=1).astype(jnp.int32)
-
-    return jax.lax.map(one, (targets, queries))
 
 
 def estimate_normals(points: np.ndarray, k: int = 16) -> np.ndarray:

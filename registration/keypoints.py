@@ -46,6 +46,7 @@ from mano_jax.posing import forward
 from mano_jax.priors import GaussianMixturePrior, JointLimits, PosePrior, shape_prior
 
 from .camera import WEAK_PERSPECTIVE, PinholeCamera, WeakPerspectiveCamera, project_camera_points
+from .correspondences import closest_on_segment
 
 #: Palm keypoints in OpenPose order: wrist, thumb CMC, index/middle/ring/pinky MCP.
 PALM = (0, 1, 5, 9, 13, 17)
@@ -217,10 +218,8 @@ class Capsules:
 
 def segment_point_distance(a: jax.Array, b: jax.Array, points: jax.Array) -> jax.Array:
     """Distance from (N, 3) points to the segment a-b ((3,) each)."""
-    ab = b - a
-    rel = points - jnp.broadcast_to(a, points.shape)
-    t = jnp.clip(rel @ ab / jnp.maximum(ab @ ab, 1e-12), 0.0, 1.0)
-    return jnp.linalg.norm(rel - t[:, None] * jnp.broadcast_to(ab, points.shape), axis=-1)
+    ends = (jnp.broadcast_to(a, points.shape), jnp.broadcast_to(b, points.shape))
+    return jnp.sqrt(closest_on_segment(points, *ends)[1])
 
 
 def segment_distance(p0, p1, q0, q1) -> jax.Array:

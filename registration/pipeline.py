@@ -32,7 +32,6 @@ import numpy as np
 from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 
-from mano_jax import lbs
 from mano_jax._atomic import atomic_path
 from mano_jax.model import ManoModel
 from mano_jax.priors import JointLimits, PosePrior
@@ -202,16 +201,13 @@ def prepare(scans, model: ManoModel, config: RegistrationConfig) -> Problem:
         names=tuple(scans.names),
         unordered=bool(unordered),
         solve_scale=bool(solve_scale),
-        priors=stages.Priors(pose=_pose_prior(model, config.pose_prior_min_std), limits=JointLimits.default(model)),
+        priors=stages.Priors(
+            pose=PosePrior.from_model(model, min_std=config.pose_prior_min_std), limits=JointLimits.default(model)
+        ),
         vertex_faces=vertex_faces(faces, model.num_vertices),
         mesh=stages.Mesh(edges=jnp.asarray(edges), degree=jnp.asarray(degree, model.dtype)),
         cut_offset=stages.wrist_cut_offset(model, config.forearm_margin),
     )
-
-
-def _pose_prior(model: ManoModel, min_std: float) -> PosePrior:
-    prior = PosePrior.from_model(model)
-    return dataclasses.replace(prior, var=jnp.maximum(prior.var, jnp.asarray(min_std**2, prior.var.dtype)))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -222,6 +218,15 @@ def _pose_prior(model: ManoModel, min_std: float) -> PosePrior:
 @jax.jit
 def _posed_batch(hand, params, betas, scale):
     return stages.posed(hand, params, betas, scale)
+
+
+def _posed_window(problem: Problem, hand, poses: "Poses", betas, scale):
+    """`_posed_batch` of a few frames padded to a window's worth: every caller then shares one compiled
+    shape (each distinct batch size cost seconds of compilation)."""
+    n = len(poses.transl)
+    padded = poses.take(np.minimum(np.arange(max(problem.config.window, n)), n - 1))
+    verts, keypoints = _posed_batch(hand, padded.device(problem.model.dtype), betas, scale)
+    return verts[:n], keypoints[:n]
 
 
 def _closest_faces(verts, points, cand, faces):
@@ -347,11 +352,13 @@ class Poses:
 
 
 def _rounds(problem, hand, ids, poses: Poses, betas, weights, rounds, *, frame_scale=None, log_scale=0.0,
-            shape_mask=None, boundary=None, slot_scales=None):
+            shape_mask=None, boundary=None, slot_scales=None, widen=()):
     """`rounds` x (correspondences, Gauss-Newton steps) on a batch of frames `ids` (-1 = padding).
 
     Points are divided by `frame_scale` (default the problem's scale; or per slot `slot_scales`); the
     model is scaled by exp(`log_scale`). `shape_mask` (S + 1,) selects shared betas / log scale to solve.
+    `widen`: robust-kernel and gate multipliers of the first rounds (never the last, so the energies and
+    distances returned are the configured ones).
     Returns (Poses, betas, log scale, energy (B,), distances (B, N), kept points (B, N)).
     """
     dt = problem.model.dtype
@@ -365,10 +372,12 @@ def _rounds(problem, hand, ids, poses: Poses, betas, weights, rounds, *, frame_s
         boundary = (jnp.zeros((2, m, 3), dt), jnp.zeros((2,), dt))
     verts, _ = _posed_batch(hand, params, shape[:-1], jnp.exp(shape[-1]))
     steps = jnp.asarray(problem.config.gauss_newton_steps, jnp.int32)
-    for _ in range(rounds):
+    for r in range(rounds):
+        wide = widen[r] if r < min(len(widen), rounds - 1) else 1.0
+        w = dataclasses.replace(weights, robust_scale=weights.robust_scale * wide, gate=weights.gate * wide)
         matches = match(problem, ids, verts, frame_scale, slot_scales)
         params, shape, cost, verts, dist, rd = stages.solve(
-            hand, problem.priors, frames, matches, params, shape, mask, boundary[0], boundary[1], weights, steps
+            hand, problem.priors, frames, matches, params, shape, mask, boundary[0], boundary[1], w, steps
         )
     shape = np.asarray(shape, np.float64)
     return (
@@ -384,14 +393,6 @@ def _rounds(problem, hand, ids, poses: Poses, betas, weights, rounds, *, frame_s
 # ------------------------------------------------------------------------------------------------------
 # Stage 0: initialisation
 # ------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Initialisation:
-    poses: Poses  # (1, ...) the frame's pose
-    betas: np.ndarray
-    scale: float
-    cost: float
 
 
 def _principal_axes(x: np.ndarray) -> np.ndarray:
@@ -456,9 +457,9 @@ def rigid_candidates(problem: Problem, frame: int, solve_scale: bool, scale: flo
     starts = _start_poses(model)
     rest_v = np.asarray(model.v_template, np.float64)
     picks = stages.farthest_points(rest_v, min(cfg.init_points, len(rest_v)))
-    out = _posed_batch(
-        stages.make_hand(model, np.zeros_like(rest_v), 1),
-        Poses(starts, np.tile(np.eye(3), (len(starts), 1, 1)), np.zeros((len(starts), 3))).device(dt),
+    out = _posed_window(
+        problem, stages.make_hand(model, np.zeros_like(rest_v), cfg.num_markers),
+        Poses(starts, np.tile(np.eye(3), (len(starts), 1, 1)), np.zeros((len(starts), 3))),
         jnp.zeros(model.num_betas, dt), jnp.ones((), dt),
     )
     posed_v, posed_kp = np.asarray(out[0], np.float64), np.asarray(out[1], np.float64)
@@ -700,6 +701,8 @@ def track(
     residual: np.ndarray | None = None,
     estimated: np.ndarray | None = None,
     prior_boost: float = 1.0,
+    smoothing: float = 1.0,
+    hypotheses: bool = False,
     on_window=None,
     progress=False,
     desc="stage 2: tracking",
@@ -712,7 +715,9 @@ def track(
     each starting from a constant-velocity extrapolation of the two frames before it (so every frame
     starts next to its neighbour's solution); otherwise frames start from their entry in `poses`.
     `energy` and `residual` (T,) receive each committed frame's final energy and median scan-to-model
-    distance (scan metres). `on_window(next_start)` is called after each window's frames are committed.
+    distance (scan metres). With `hypotheses`, each window's last committed frame is checked for a
+    finger stuck in the wrong basin (`_finger_hypotheses`). `on_window(next_start)` is called after each
+    window's frames are committed.
 
     Returns the frames that diverged and were retried.
     """
@@ -724,11 +729,17 @@ def track(
     w = cfg.window
     step = w - cfg.overlap if temporal else w
     weights = problem.weights(temporal=temporal)
-    weights = dataclasses.replace(weights, pose_prior=weights.pose_prior * prior_boost)
+    weights = dataclasses.replace(
+        weights,
+        pose_prior=weights.pose_prior * prior_boost,
+        velocity=weights.velocity * smoothing,
+        acceleration=weights.acceleration * smoothing,
+    )
     estimated = solved.copy() if estimated is None else estimated
     energy = np.zeros(t_total) if energy is None else energy
     residual = np.zeros(t_total) if residual is None else residual
     retried = []
+    far_share = np.full(t_total, np.nan)
     b_jnp = jnp.asarray(betas, dt)
     windows = list(range(start, t_total, step)) if start < t_total else []
     # The last window may be shorter than a step: its end is the sequence end anyway.
@@ -741,7 +752,9 @@ def track(
         window_poses = poses.take(np.where(ids >= 0, ids, real[-1]))
         if extrapolate and temporal:
             _progress_through(problem, hand, ids, window_poses, betas, weights, boundary, poses, estimated, s)
-        new, _, _, cost, dist, keep = _rounds(problem, hand, ids, window_poses, betas, weights, rounds, boundary=boundary)
+        new, _, _, cost, dist, keep = _rounds(
+            problem, hand, ids, window_poses, betas, weights, rounds, boundary=boundary, widen=cfg.kernel_schedule
+        )
         estimated[real] = True
         diverged = _diverged(problem, ids, new, cost, cfg.divergence_factor)
         if diverged.any():
@@ -769,6 +782,10 @@ def track(
         last_window = s == windows[-1]
         commit = np.arange(w) if (last_window or not temporal) else np.arange(step)
         commit = commit[ids[commit] >= 0]
+        if hypotheses and temporal and _finger_off(problem, ids, dist, keep, far_share):
+            better = _finger_hypotheses(problem, hand, ids, new, cost, betas, weights, boundary, commit[-1], rounds)
+            if better is not None:
+                new, cost, dist, keep = better
         frames_c = ids[commit]
         poses.put(frames_c, new.take(commit))
         solved[frames_c] = True
@@ -780,11 +797,80 @@ def track(
         for k, f in zip(commit, frames_c):
             d = dist[k][keep[k]] * problem.scale
             residual[f] = float(np.median(d)) if len(d) and problem.valid[f] else 0.0
+            far_share[f] = np.mean(d >= _FAR) if len(d) and problem.valid[f] else np.nan
         if on_window is not None:
             on_window(s + step if not last_window else t_total)
         bar.update(1)
     bar.close()
     return retried
+
+
+# Hand-pose entries (axis-angle of MANO joints 1..15) of each finger: index, middle, pinky, ring, thumb.
+_FINGER_PARAMS = tuple(np.arange(3 * (j - 1), 3 * (j + 2)) for j in (1, 4, 7, 10, 13))
+_FINGER_NAMES = ("index", "middle", "pinky", "ring", "thumb")
+
+
+# Scan points this far (metres) from the model are beyond the robust kernel's reach: a stuck finger's.
+_FAR = 0.01
+
+
+def _finger_off(problem, ids, dist, keep, far_share) -> bool:
+    """Whether a frame of the window has clearly more far scan points than the frames committed so far
+    (`far_share` (T,), NaN where not committed): the only windows worth the finger hypotheses' cost."""
+    seen = far_share[np.isfinite(far_share)]
+    if not len(seen):
+        return True
+    gate = max(problem.config.hypothesis_gate * float(np.median(seen)), 0.01)
+    for k in np.flatnonzero(ids >= 0):
+        d = dist[k][keep[k]] * problem.scale
+        if problem.valid[ids[k]] and len(d) and np.mean(d >= _FAR) > gate:
+            return True
+    return False
+
+
+def _finger_hypotheses(problem, hand, ids, poses: Poses, cost, betas, weights, boundary, slot, rounds):
+    """Escape a finger stuck in a wrong local minimum, which tracking alone never leaves: a finger fitted
+    curled while the scan's finger opens (its points lie centimetres away, outliers to the robust kernel)
+    stays curled for the rest of the sequence.
+
+    The window's frame in `slot` is re-fitted on its own from its current pose and from poses with one
+    finger opened flat or set to the model's mean curl (as many as a window-sized batch holds). When a
+    changed finger wins clearly, that finger is moved in every frame of the window and the window
+    re-solved; the re-solved window is kept if its energy is lower. Returns (poses, cost, dist, keep) or
+    None.
+    """
+    w = len(ids)
+    frame = ids[slot]
+    if frame < 0 or not problem.valid[frame] or not np.isfinite(cost[slot]):
+        return None
+    mean = np.asarray(problem.model.hands_mean, np.float64)
+    start = poses.take(np.full(w, slot))
+    changed = [None]
+    # Opened fingers first: a short window may not hold every hypothesis.
+    for opened in (True, False):
+        for k, idx in enumerate(_FINGER_PARAMS):
+            target = np.zeros(len(idx)) if opened else mean[idx]
+            if len(changed) < w and not np.allclose(start.hand_pose[0, idx], target, atol=0.1):
+                start.hand_pose[len(changed), idx] = target
+                changed.append((k, idx))
+    alone = dataclasses.replace(weights, velocity=weights.velocity * 0, acceleration=weights.acceleration * 0)
+    batch = np.where(np.arange(w) < len(changed), frame, -1)
+    tried, _, _, c, _, _ = _rounds(problem, hand, batch, start, betas, alone, rounds, widen=problem.config.kernel_schedule)
+    c = np.where(np.isfinite(c) & tried.finite(), c, np.inf)[: len(changed)]
+    best = int(np.argmin(c))
+    if best == 0 or c[best] > (1.0 - problem.config.hypothesis_margin) * c[0]:
+        return None
+    finger, idx = changed[best]
+    moved = poses.copy()
+    moved.hand_pose[:, idx] += tried.hand_pose[best, idx] - poses.hand_pose[slot, idx]
+    new, _, _, cost2, dist2, keep2 = _rounds(
+        problem, hand, ids, moved, betas, weights, rounds, boundary=boundary, widen=problem.config.kernel_schedule
+    )
+    real = ids >= 0
+    if not np.all(np.isfinite(cost2[real])) or np.sum(cost2[real]) >= np.sum(cost[real]):
+        return None
+    logger.info("frames %s: %s finger moved out of a local minimum", ids[real].tolist(), _FINGER_NAMES[finger])
+    return new, cost2, dist2, keep2
 
 
 def _progress_through(problem, hand, ids, window_poses: Poses, betas, weights, boundary, poses: Poses, estimated, s):
@@ -825,7 +911,7 @@ def _boundary(problem, hand, betas, poses: Poses, solved, s, temporal):
     if not ok.any():
         return jnp.zeros((2, m, 3), dt), jnp.zeros((2,), dt)
     safe = np.where(prev >= 0, prev, 0)
-    verts, _ = _posed_batch(hand, poses.take(safe).device(dt), betas, jnp.ones((), dt))
+    verts, _ = _posed_window(problem, hand, poses.take(safe), betas, jnp.ones((), dt))
     return verts[:, hand.markers], jnp.asarray(ok, dt)
 
 
@@ -987,14 +1073,7 @@ class Registration:
         t0 = time.perf_counter()
         problem, cfg, t = self.problem, self.config, self.problem.num_frames
         if not problem.unordered:
-            saved = self.checkpoint.load("track")
-            solved = np.zeros(t, bool)
-            start = self.first
-            if saved is not None:
-                self.poses = Poses.from_arrays(saved, "")
-                solved = saved["solved"].astype(bool)
-                start = int(saved["next"])
-                self.retried = list(saved["retried"])
+            solved, start, _ = self._resume("track")
             hand0 = stages.make_hand(self.model, np.zeros_like(self.offsets), cfg.num_markers)
 
             def save(next_start):
@@ -1007,7 +1086,8 @@ class Registration:
             estimated[self.first] = True
             r = track(
                 problem, hand0, self.betas, self.poses, start=start, solved=solved, extrapolate=True,
-                estimated=estimated, prior_boost=cfg.track_prior_boost, rounds=cfg.track_rounds, on_window=save,
+                estimated=estimated, prior_boost=cfg.track_prior_boost, smoothing=cfg.track_smoothing,
+                rounds=cfg.track_rounds, hypotheses=cfg.finger_hypotheses, on_window=save,
                 progress=self.progress, desc="tracking (initial template)",
             )
             self.retried += r
@@ -1043,15 +1123,9 @@ class Registration:
         t0 = time.perf_counter()
         problem, cfg, t = self.problem, self.config, self.problem.num_frames
         hand = stages.make_hand(self.model, self.offsets, cfg.num_markers)
-        saved = self.checkpoint.load("stage2")
-        solved = np.zeros(t, bool)
-        start = self.first
+        solved, start, saved = self._resume("stage2")
         if saved is not None:
-            self.poses = Poses.from_arrays(saved, "")
-            solved = saved["solved"].astype(bool)
-            start = int(saved["next"])
             self.energy, self.residual = saved["energy"], saved["residual"]
-            self.retried = list(saved["retried"])
 
         def save(next_start):
             self.checkpoint.save(
@@ -1114,6 +1188,16 @@ class Registration:
     def posed_vertices(self) -> np.ndarray:
         """(T, V, 3) the current fit in scan coordinates."""
         return self.result().posed_vertices(self.model)
+
+    def _resume(self, name):
+        """Tracking state from checkpoint `name`: (solved frames (T,), next window start, stored arrays or
+        None); the stored poses and retried frames are taken over."""
+        saved = self.checkpoint.load(name)
+        if saved is None:
+            return np.zeros(self.problem.num_frames, bool), self.first, None
+        self.poses = Poses.from_arrays(saved, "")
+        self.retried = list(saved["retried"])
+        return saved["solved"].astype(bool), int(saved["next"]), saved
 
     def _require(self, step):
         if step not in self._done:

@@ -37,13 +37,12 @@ from mano_jax import lbs
 from mano_jax.model import ManoModel
 from mano_jax.priors import JointLimits, PosePrior
 
-from .correspondences import closest_on_triangles, face_normals, vertex_normals
+from .correspondences import closest_on_triangles, vertex_normals
 
 NUM_POSE = 45
 NUM_FRAME_PARAMS = 51  # hand pose 45, rotation increment 3, translation 3
 MM2 = 1e6  # data residuals are costed in mm^2
-LINE_SEARCH = (1.0, 0.5)
-_CG_ITERATIONS = 24
+_CG_ITERATIONS = 24  # conjugate-gradient iterations of a window's temporally coupled system
 _EPS_DAMPING = 1e-3
 
 
@@ -563,6 +562,7 @@ def solve(hand, priors, frames, matches, params, shape, shape_mask, boundary, bo
     lmat = temporal_matrix(frames.active, boundary_valid, w, hand.markers.shape[0])
     temporal = (w.velocity + w.acceleration) > 0
     shared = jnp.any(shape_mask > 0)
+    path = jnp.where(shared, 0, jnp.where(temporal, 1, 2))
     v0, k0 = posed(hand, params, betas, jnp.exp(log_scale))
     rd = jax.vmap(_round_data, in_axes=(None, 0, 0, 0, 0, 0, None, None))(
         hand, v0, k0[:, 0], params.rot, frames, matches, w, jnp.exp(log_scale)
@@ -609,23 +609,29 @@ def solve(hand, priors, frames, matches, params, shape, shape_mask, boundary, bo
             z = (lmat @ u.reshape(lmat.shape[0], -1))[2:].reshape(y.shape) - diag_t[:, None, None] * u[2:]
             return jnp.einsum("bpq,bq->bp", hb, x) + jnp.einsum("bmcp,bmc->bp", jm, z)
 
-        dp_time = _pcg(apply_a, -gp, lambda r: block_solve(r[..., None])[..., 0], 24)
+        def temporal_path():
+            dp = _pcg(apply_a, -gp, lambda r: block_solve(r[..., None])[..., 0], _CG_ITERATIONS)
+            return dp, jnp.zeros_like(shape)
 
-        # Shared shape: eliminate the frames (Schur complement), solve the shape, back-substitute.
-        keep = shape_mask
-        hps = h[:, :pf, pf:] * act[:, None, None] * keep[None, None, :]
-        hss = jnp.sum(h[:, pf:, pf:] * act[:, None, None], 0) * keep[:, None] * keep[None, :]
-        prior = jnp.concatenate([jnp.full((n_shape - 1,), 1.0, dt) * w.shape_prior, jnp.zeros((1,), dt)]) * keep
-        hss = hss + jnp.diag(prior + (1.0 - keep)) + jnp.diag(1e-4 * jnp.diagonal(hss) + _EPS_DAMPING)
-        gs = (jnp.sum(g[:, pf:] * act[:, None], 0) + prior * shape) * keep
-        y_ps = block_solve(hps)  # (B, pf, S+1)
-        z_p = block_solve(gp[..., None])[..., 0]
-        schur = hss - jnp.einsum("bpi,bpj->ij", hps, y_ps)
-        ds = -jnp.linalg.solve(schur, gs - jnp.einsum("bpi,bp->i", hps, z_p))
-        dp_shape = -z_p - jnp.einsum("bpi,i->bp", y_ps, ds)
+        def shape_path():
+            # Shared shape: eliminate the frames (Schur complement), solve the shape, back-substitute.
+            keep = shape_mask
+            hps = h[:, :pf, pf:] * act[:, None, None] * keep[None, None, :]
+            hss = jnp.sum(h[:, pf:, pf:] * act[:, None, None], 0) * keep[:, None] * keep[None, :]
+            prior = jnp.concatenate([jnp.full((n_shape - 1,), 1.0, dt) * w.shape_prior, jnp.zeros((1,), dt)]) * keep
+            hss = hss + jnp.diag(prior + (1.0 - keep)) + jnp.diag(1e-4 * jnp.diagonal(hss) + _EPS_DAMPING)
+            gs = (jnp.sum(g[:, pf:] * act[:, None], 0) + prior * shape) * keep
+            y_ps = block_solve(hps)  # (B, pf, S+1)
+            z_p = block_solve(gp[..., None])[..., 0]
+            schur = hss - jnp.einsum("bpi,bpj->ij", hps, y_ps)
+            ds = -jnp.linalg.solve(schur, gs - jnp.einsum("bpi,bp->i", hps, z_p))
+            return -z_p - jnp.einsum("bpi,i->bp", y_ps, ds), ds * keep
 
-        dp = jnp.where(shared, dp_shape, jnp.where(temporal, dp_time, block_solve(-gp[..., None])[..., 0]))
-        ds = jnp.where(shared, ds, 0.0) * keep
+        def independent_path():
+            return block_solve(-gp[..., None])[..., 0], jnp.zeros_like(shape)
+
+        # A real branch, so only the path in use runs (PCG and the Schur solve are most of a step).
+        dp, ds = jax.lax.switch(path, (shape_path, temporal_path, independent_path))
 
         # Line search over no step (energy known), a full and a half step.
         alphas = jnp.asarray([1.0, 0.5], dt)

@@ -256,21 +256,17 @@ def make_subject(model, rng: np.random.Generator, *, offset_scale: float = 0.002
 
 
 def _finger_axes(model) -> dict[str, tuple[np.ndarray, ...]]:
-    """Per finger and joint (MCP, PIP, DIP) the rest-pose flexion axis (a positive rotation curls the finger
-    towards the palm) and the abduction axis (the palm normal)."""
-    rest = np.asarray(model.J_regressor @ model.v_template, np.float64)
-    template = np.asarray(model.v_template, np.float64)
-    normal = _palm_normal(rest, model.side)
+    """Per finger and joint (MCP, PIP, DIP) the rest-pose flexion axis: a positive rotation turns the bone
+    towards the joint's flexion direction in the frames `JointLimits` measures angles in (the palm for the
+    fingers; across the palm towards the little finger for the thumb, where its MCP and IP hinges bend --
+    the palm normal would be palmar abduction), so the motion stays inside the default joint limits."""
+    from mano_jax.priors import rest_frames
+
+    frames = rest_frames(model)
     axes = {}
-    for name, (chain, tip) in _FINGERS.items():
-        ends = [rest[j] for j in chain[1:]]
-        ends.append(template[model.tip_ids[tip]] if len(model.tip_ids) == 5 else 2 * rest[chain[2]] - rest[chain[1]])
-        flex = []
-        for joint, end in zip(chain, ends):
-            d = end - rest[joint]
-            a = np.cross(d, normal)  # rotating d about d x n moves it towards n
-            flex.append(a / np.linalg.norm(a))
-        axes[name] = tuple(flex)
+    for name, (chain, _) in _FINGERS.items():
+        flex = [np.cross(frames[j - 1, 0], frames[j - 1, 1]) for j in chain]
+        axes[name] = tuple(a / np.linalg.norm(a) for a in flex)
     return axes
 
 

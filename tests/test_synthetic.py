@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import trimesh
 
+from mano_jax.priors import JointLimits
 from registration.outputs import scan_to_mesh_distance
 from registration.synthetic import FOREARM, HAND, OUTLIER, make_sequence
 
@@ -97,7 +98,8 @@ def test_motion_is_smooth_nontrivial_and_curls_the_fingers_towards_the_palm(mode
     assert np.linalg.norm(v[-1] - v[0], axis=-1).mean() > 0.01  # the hand does move
 
     # In the wrist's own frame (global motion removed), each fingertip moves towards the palm side between
-    # the frame where its finger is most open and the one where it is most flexed.
+    # the frame where its finger is most open and the one where it is most flexed; the thumb's MCP and IP
+    # hinges bend across the palm, towards the little finger's MCP.
     rotations = np.asarray(axis_angle_to_matrix(truth.global_orient))
     local = np.einsum("tkj,tji->tki", truth.keypoints - truth.keypoints[:, :1], rotations)
     rest = np.asarray(model.J_regressor @ model.v_template)
@@ -106,8 +108,16 @@ def test_motion_is_smooth_nontrivial_and_curls_the_fingers_towards_the_palm(mode
     for mcp, tip in ((1, 17), (4, 18), (10, 19), (7, 20), (13, 16)):  # index, middle, ring, pinky, thumb
         flexion = np.linalg.norm(truth.hand_pose[:, 3 * (mcp - 1) : 3 * mcp], axis=1)
         assert flexion.max() - flexion.min() > 0.2
-        towards_palm = (local[flexion.argmax(), tip] - local[flexion.argmin(), tip]) @ palm
-        assert towards_palm > 0.01, (mcp, towards_palm)
+        opened, flexed = flexion.argmin(), flexion.argmax()
+        if mcp == 13:
+            gap = [np.linalg.norm(local[t, tip] - local[t, 7]) for t in (opened, flexed)]
+            assert gap[0] - gap[1] > 0.01, gap
+        else:
+            towards_palm = (local[flexed, tip] - local[opened, tip]) @ palm
+            assert towards_palm > 0.01, (mcp, towards_palm)
+    # ... and stays inside the default joint limits (which measure the thumb the same way).
+    limits = JointLimits.default(model)
+    assert float(np.max(np.asarray(limits.penalty(truth.hand_pose)))) == 0.0
 
 
 def test_subject_offsets_are_smooth_with_the_asked_size(model, sequence):
