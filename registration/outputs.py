@@ -197,14 +197,12 @@ def write_outputs(
 
 def write_preview(path, report: dict, scans: ScanSequence, posed: np.ndarray, faces: np.ndarray) -> None:
     """`preview.png`: first, middle and last frames (mesh + scan points) and the residual per frame."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    # A bare Figure needs no pyplot backend, so a notebook's inline plots keep working afterwards.
+    from matplotlib.figure import Figure
 
     t_total = len(posed)
     shown = sorted({0, t_total // 2, t_total - 1})
-    fig = plt.figure(figsize=(4.0 * len(shown), 8.0))
+    fig = Figure(figsize=(4.0 * len(shown), 8.0))
     for k, t in enumerate(shown):
         ax = fig.add_subplot(2, len(shown), k + 1)
         draw_frame(ax, posed[t], faces, scans.points[t])
@@ -215,7 +213,6 @@ def write_preview(path, report: dict, scans: ScanSequence, posed: np.ndarray, fa
     fig.subplots_adjust(left=0.07, right=0.98, top=0.95, bottom=0.07, wspace=0.05, hspace=0.15)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
 
 
 def draw_frame(ax, vertices: np.ndarray, faces: np.ndarray, points: np.ndarray, *, max_points: int = 3000) -> None:
