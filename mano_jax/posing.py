@@ -17,6 +17,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from . import lbs
 from .conventions import OPENPOSE_ORDER, pca_to_axis_angle
@@ -112,7 +113,7 @@ def _pose_flat(
             rest_joints = (model.J_regressor @ model.v_template)[None] + lbs.blend_shapes(
                 betas, joint_dirs
             )
-    v_posed = v_shaped + offsets.reshape(n, -1, 3)
+    v_posed = checkpoint_name(v_shaped + offsets.reshape(n, -1, 3), "v_posed")
     world_r, posed_joints = lbs.kinematic_chain(rotmats, rest_joints, model.parents)
     if transl is not None:
         posed_joints = posed_joints + transl[:, None, :]
@@ -207,9 +208,10 @@ def forward(
     else:
         # Pose a chunk of hands at a time so the (chunk, 12, V) skinning intermediates stay in cache
         # instead of streaming through memory: large batches run as fast per hand as small ones.
-        # Under differentiation each chunk is recomputed in the backward pass rather than storing
-        # its intermediates for the whole batch: ~60 kB per hand of fresh memory, whose page faults
-        # cost more than posing the chunk again.
+        # Under differentiation each chunk is posed again in the backward pass rather than storing
+        # its skinning intermediates for the whole batch (~60 kB per hand of fresh memory, whose
+        # page faults cost more than the recomputation); only the blend-shaped vertices, the
+        # product with the large posedirs, are kept.
         pad = -n % _CHUNK
         chunks = jax.tree.map(
             lambda x: jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)]).reshape(
@@ -217,7 +219,11 @@ def forward(
             ),
             args,
         )
-        outputs = jax.lax.map(jax.checkpoint(lambda chunk: _pose_flat(model, *chunk)), chunks)
+        recompute = jax.checkpoint(
+            lambda chunk: _pose_flat(model, *chunk),
+            policy=jax.checkpoint_policies.save_only_these_names("v_posed"),
+        )
+        outputs = jax.lax.map(recompute, chunks)
         vertices, posed_joints, transforms = (x.reshape(-1, *x.shape[2:])[:n] for x in outputs)
     vertices = vertices.reshape(*batch, *vertices.shape[1:])
     posed_joints = posed_joints.reshape(*batch, *posed_joints.shape[1:])
