@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -96,6 +97,8 @@ def main(argv=None) -> dict:
         "dtype": "float32",
         "jax": jax.__version__,
         "machine": f"{platform.machine()}, {jax.devices()[0].platform}, {jax.local_device_count()} device(s)",
+        # Other work on the machine slows every number here; the load says how busy it was.
+        "load_average_start": os.getloadavg()[0],
         "forward_hands_per_s": {},
         "forward_backward_hands_per_s": {},
         "batch1_latency_ms": None,
@@ -111,14 +114,19 @@ def main(argv=None) -> dict:
         target = forward(model, *inputs(model, batch, seed=1))
         t = median_seconds(forward_backward, (x, model, target), args.repeat_seconds)
         results["forward_backward_hands_per_s"][batch] = batch / t
-        memory = forward.lower(model, *x).compile().memory_analysis()
-        if memory is not None:
-            total = memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
-            results["compiled_memory_mb"][batch] = total / 2**20
+        for key, compiled in (
+            ("compiled_memory_mb", forward.lower(model, *x).compile()),
+            ("compiled_memory_forward_backward_mb", forward_backward.lower(x, model, target).compile()),
+        ):
+            memory = compiled.memory_analysis()
+            if memory is not None:
+                total = memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
+                results.setdefault(key, {})[batch] = total / 2**20
         print(
             f"batch {batch:5d}: forward {results['forward_hands_per_s'][batch]:>10,.0f} hands/s   "
             f"forward+backward {results['forward_backward_hands_per_s'][batch]:>10,.0f} hands/s   "
-            f"compiled memory {results['compiled_memory_mb'].get(batch, float('nan')):7.1f} MB",
+            f"compiled memory {results['compiled_memory_mb'].get(batch, float('nan')):7.1f} MB "
+            f"(with backward {results.get('compiled_memory_forward_backward_mb', {}).get(batch, float('nan')):.1f} MB)",
             flush=True,
         )
 
@@ -150,6 +158,7 @@ def main(argv=None) -> dict:
             )
     print(f"batch-1 forward latency: {results['batch1_latency_ms']:.3f} ms")
 
+    results["load_average_end"] = os.getloadavg()[0]
     with atomic_path(args.out) as tmp:
         tmp.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")
