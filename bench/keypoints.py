@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -27,11 +28,19 @@ import numpy as np
 from scipy.interpolate import CubicSpline
 from scipy.spatial.transform import Rotation
 
-from mano_jax import forward, load_model
-from mano_jax._atomic import atomic_path
-from mano_jax.priors import JointLimits
-from registration.camera import PinholeCamera
-from registration.keypoints import KeypointFitConfig, fit_keypoints, sample_plausible_hands
+# The repository root first: run as a script, this folder's registration.py would shadow the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mano_jax import forward, load_model  # noqa: E402
+from mano_jax._atomic import atomic_path  # noqa: E402
+from mano_jax.priors import JointLimits  # noqa: E402
+from registration.camera import PinholeCamera  # noqa: E402
+from registration.keypoints import (  # noqa: E402
+    KeypointFitConfig,
+    fit_keypoints,
+    procrustes_error,
+    sample_plausible_hands,
+)
 
 INDEPENDENT = dict(shared_shape=False, smooth=False)
 
@@ -45,15 +54,6 @@ def hands(model, n, seed, distance=None):
         transl[:, 2] = distance
     out = forward(model, hand_pose=poses, betas=betas, global_orient=orient, transl=transl, keypoint_order="openpose")
     return np.asarray(out.keypoints, np.float64), np.asarray(out.vertices, np.float64)
-
-
-def procrustes_error(a, b):
-    a0, b0 = a - a.mean(0), b - b.mean(0)
-    u, s, vt = np.linalg.svd(a0.T @ b0)
-    d = np.sign(np.linalg.det(u @ vt))
-    s[-1] *= d
-    u[:, -1] *= d
-    return np.linalg.norm(s.sum() / (a0**2).sum() * a0 @ (u @ vt) - b0, axis=-1).mean()
 
 
 def timed(fn):

@@ -139,9 +139,9 @@ def kinematic_chain(
     for above, level in zip(levels, levels[1:]):
         # Where each joint's parent sits in the level above; a plain slice when they line up.
         slot = [above.index(parents[j]) for j in level]
-        take = (lambda x: x) if slot == list(range(len(above))) else (lambda x: x[..., slot, :, :])
-        parent_r = take(world_r[-1])
-        parent_t = take(world_t[-1][..., None])[..., 0]
+        parent_r, parent_t = world_r[-1], world_t[-1]
+        if slot != list(range(len(above))):
+            parent_r, parent_t = parent_r[..., slot, :, :], parent_t[..., slot, :]
         offset = joints[..., level, :] - joints[..., [parents[j] for j in level], :]
         world_r.append(_matmul3(parent_r, rotmats[..., level, :, :]))
         world_t.append(parent_t + _matvec3(parent_r, offset))

@@ -5,7 +5,7 @@ Keypoints: `fit_keypoints` (or `mano-jax fit-keypoints`).
 """
 
 from .config import RegistrationConfig
-from .keypoints import KeypointFitConfig, fit_keypoints
+from .keypoints import KeypointFitConfig, fit_keypoints, procrustes_error
 from .many import Task, read_manifest, run_many
 from .outputs import register_to_directory, scan_to_mesh_distance, write_outputs
 from .pipeline import Registration, RegistrationError, register_sequence
@@ -25,6 +25,7 @@ __all__ = [
     "ScanWarning",
     "Task",
     "fit_keypoints",
+    "procrustes_error",
     "load_result",
     "load_scans",
     "make_sequence",

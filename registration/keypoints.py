@@ -801,6 +801,18 @@ def _result(params, kp, pred, obs, conf, per_frame, terms, best, kind, camera, j
     )  # fmt: skip
 
 
+def procrustes_error(a, b) -> float:
+    """Mean distance between (K, 3) point sets after the best similarity transform of a onto b: the
+    Procrustes-aligned keypoint error (PA-MPJPE) that hand-pose papers report, in b's units."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    a0, b0 = a - a.mean(0), b - b.mean(0)
+    u, s, vt = np.linalg.svd(a0.T @ b0)
+    d = np.sign(np.linalg.det(u @ vt))
+    s[-1] *= d
+    u[:, -1] *= d
+    return float(np.linalg.norm(s.sum() / (a0**2).sum() * a0 @ (u @ vt) - b0, axis=-1).mean())
+
+
 def sample_plausible_hands(model, num: int, *, seed: int = 0, beta_std: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Random plausible hands for synthetic tests: (num, 45) poses and (num, S) betas.
 

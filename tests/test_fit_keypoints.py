@@ -22,6 +22,7 @@ from registration.keypoints import (
     KeypointFitError,
     fit_keypoints,
     load_keypoints,
+    procrustes_error,
     sample_plausible_hands,
     write_outputs,
 )
@@ -51,16 +52,6 @@ def synthetic(model, frames, seed, *, distance=None):
     out = forward(model, hand_pose=poses, betas=np.broadcast_to(betas[0], (frames, model.num_betas)),
                   global_orient=orient, transl=transl, keypoint_order="openpose")  # fmt: skip
     return out, poses
-
-
-def procrustes_error(a, b):
-    """Mean distance between (21, 3) point sets after the best similarity transform of a onto b."""
-    a0, b0 = a - a.mean(0), b - b.mean(0)
-    u, s, vt = np.linalg.svd(a0.T @ b0)
-    d = np.sign(np.linalg.det(u @ vt))
-    s[-1] *= d
-    u[:, -1] *= d
-    return np.linalg.norm(s.sum() / (a0**2).sum() * a0 @ (u @ vt) - b0, axis=-1).mean()
 
 
 def test_3d_keypoints_without_noise_are_fitted_below_a_millimetre(model, limits):
