@@ -1,4 +1,5 @@
-"""Pure maths of the MANO model: rotations, blend shapes, the kinematic chain and linear blend skinning.
+"""Pure maths of the MANO model: rotations, blend shapes, the kinematic chain and linear blend skinning,
+and the best similarity transform between two point sets.
 
 Nothing here knows about files or model containers; every function takes arrays and broadcasts over
 leading batch axes `(*, ...)`. Lengths are in whatever unit the inputs use (metres in mano-jax).
@@ -84,6 +85,38 @@ def matrix_to_axis_angle(rotmat: jax.Array) -> jax.Array:
     axis = jnp.where(jnp.sum(axis * w, axis=-1, keepdims=True) < 0, -axis, axis)
     near_pi = trace < -0.8
     return jnp.where(near_pi[..., None], axis * theta[..., None], regular)
+
+
+def procrustes(source: jax.Array, target: jax.Array, weights: jax.Array | None = None, *, solve_scale=False, scale=1.0):
+    """Similarity (R, t, s) minimising sum_n w_n |s R source_n + t - target_n|^2 (weighted Procrustes,
+    Umeyama's scale).
+
+    Args:
+      source, target: (*, N, 3) point sets; leading axes broadcast.
+      weights: (*, N) non-negative weights; None weighs every point 1.
+      solve_scale: solve s (a bool, or a 0-d array inside jit); otherwise s = `scale`.
+      scale: (*) the scale used when it is not solved.
+
+    Returns rot (*, 3, 3) (a proper rotation), transl (*, 3), scale (*).
+    """
+    shape = jnp.broadcast_shapes(source.shape[:-1], target.shape[:-1], () if weights is None else weights.shape)
+    source, target = jnp.broadcast_to(source, (*shape, 3)), jnp.broadcast_to(target, (*shape, 3))
+    weights = jnp.ones(shape, source.dtype) if weights is None else jnp.broadcast_to(weights, shape)
+    total = jnp.maximum(jnp.sum(weights, axis=-1), 1e-30)
+    x_mean = jnp.sum(weights[..., None] * source, axis=-2) / total[..., None]
+    y_mean = jnp.sum(weights[..., None] * target, axis=-2) / total[..., None]
+    xc, yc = source - x_mean[..., None, :], target - y_mean[..., None, :]
+    cov = jnp.einsum("...n,...ni,...nj->...ij", weights, yc, xc) / total[..., None, None]
+    u, sv, vt = jnp.linalg.svd(cov)
+    # det(U V^T) in closed form: LAPACK's batched LU can deadlock inside loops on CPU (jaxlib 0.10).
+    uv = u @ vt
+    det = jnp.sum(uv[..., 0, :] * jnp.cross(uv[..., 1, :], uv[..., 2, :]), axis=-1)
+    sign = jnp.where(det < 0, -1.0, 1.0).astype(source.dtype)
+    fix = jnp.stack([jnp.ones_like(sign), jnp.ones_like(sign), sign], axis=-1)
+    rot = (u * fix[..., None, :]) @ vt
+    var_x = jnp.sum(weights * jnp.sum(xc**2, axis=-1), axis=-1) / total
+    s = jnp.where(solve_scale, jnp.sum(sv * fix, axis=-1) / jnp.maximum(var_x, 1e-30), jnp.broadcast_to(scale, shape[:-1]))
+    return rot, y_mean - s[..., None] * jnp.einsum("...ij,...j->...i", rot, x_mean), s
 
 
 def blend_shapes(coeffs: jax.Array, directions: jax.Array) -> jax.Array:

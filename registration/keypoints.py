@@ -419,19 +419,6 @@ def _prepare(keypoints, confidence, order: str) -> tuple[np.ndarray, np.ndarray]
     return kp, conf
 
 
-def _weighted_kabsch(src: np.ndarray, dst: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rotation R and translation t minimising sum w |R src + t - dst|^2 for (T, N, 3) point sets."""
-    w = w / np.maximum(w.sum(axis=1, keepdims=True), 1e-12)
-    cs, cd = np.einsum("tn,tnc->tc", w, src), np.einsum("tn,tnc->tc", w, dst)
-    h = np.einsum("tn,tni,tnj->tij", w, src - cs[:, None], dst - cd[:, None])
-    u, _, vt = np.linalg.svd(h)
-    d = np.sign(np.linalg.det(np.einsum("tij,tjk->tik", u, vt)))
-    fix = np.broadcast_to(np.eye(3), h.shape).copy()
-    fix[:, 2, 2] = d
-    r = np.einsum("tji,tjk,tlk->til", vt, fix, u)
-    return r, cd - np.einsum("tij,tj->ti", r, cs)
-
-
 def _rotvec(r: np.ndarray) -> np.ndarray:
     from scipy.spatial.transform import Rotation
 
@@ -451,7 +438,7 @@ def _init_3d(obs, conf, rest, j0) -> tuple[np.ndarray, np.ndarray]:
     palm = np.zeros(21, bool)
     palm[list(PALM)] = True
     w = np.where((np.sum(conf[:, palm] > 0, axis=1) >= 3)[:, None], conf * palm, conf)
-    r, trans = _weighted_kabsch(np.broadcast_to(rest, obs.shape), obs, w)
+    r, trans, _ = (np.asarray(a, np.float64) for a in lbs.procrustes(jnp.asarray(rest), jnp.asarray(obs), jnp.asarray(w)))
     ok = np.sum(w > 0, axis=1) >= 3
     if not ok.any():
         raise KeypointFitError("keypoints: no frame has 3 or more usable keypoints to place the hand")
@@ -804,13 +791,9 @@ def _result(params, kp, pred, obs, conf, per_frame, terms, best, kind, camera, j
 def procrustes_error(a, b) -> float:
     """Mean distance between (K, 3) point sets after the best similarity transform of a onto b: the
     Procrustes-aligned keypoint error (PA-MPJPE) that hand-pose papers report, in b's units."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    a0, b0 = a - a.mean(0), b - b.mean(0)
-    u, s, vt = np.linalg.svd(a0.T @ b0)
-    d = np.sign(np.linalg.det(u @ vt))
-    s[-1] *= d
-    u[:, -1] *= d
-    return float(np.linalg.norm(s.sum() / (a0**2).sum() * a0 @ (u @ vt) - b0, axis=-1).mean())
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    rot, transl, scale = lbs.procrustes(a, b, solve_scale=True)
+    return float(jnp.mean(jnp.linalg.norm(scale * a @ rot.T + transl[None, :] - b, axis=-1)))
 
 
 def sample_plausible_hands(model, num: int, *, seed: int = 0, beta_std: float = 1.0) -> tuple[np.ndarray, np.ndarray]:

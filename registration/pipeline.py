@@ -32,6 +32,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 
+from mano_jax import lbs
 from mano_jax._atomic import atomic_path
 from mano_jax.model import ManoModel
 from mano_jax.priors import JointLimits, PosePrior
@@ -430,9 +431,7 @@ def _keypoint_alignment(model_kp: np.ndarray, kp: np.ndarray, conf: np.ndarray, 
     w = conf[palm]
     if np.count_nonzero(w > 0) < 3:
         return None
-    rot, transl, scale = stages._umeyama(
-        jnp.asarray(kp[palm]), jnp.asarray(model_kp[palm]), jnp.asarray(w), jnp.asarray(1.0 if solve_scale else 0.0), jnp.asarray(1.0)
-    )
+    rot, transl, scale = lbs.procrustes(jnp.asarray(model_kp[palm]), jnp.asarray(kp[palm]), jnp.asarray(w), solve_scale=solve_scale)
     return np.asarray(rot), np.asarray(transl), float(scale)
 
 

@@ -816,24 +816,6 @@ def solve_template(hand, mesh, offsets, directions, frames, matches, params, bet
 # ------------------------------------------------------------------------------------------------------
 
 
-def _umeyama(p, m, wts, solve_scale, scale0):
-    """Weighted similarity (R, t, s) minimising sum w |p - (s R m + t)|^2 (s = scale0 unless solved)."""
-    tw = jnp.maximum(jnp.sum(wts), 1e-12)
-    mp = jnp.sum(wts[:, None] * p, 0) / tw
-    mm = jnp.sum(wts[:, None] * m, 0) / tw
-    pc, mc = p - mp[None, :], m - mm[None, :]
-    cov = jnp.einsum("n,ni,nj->ij", wts, pc, mc) / tw
-    u, sv, vt = jnp.linalg.svd(cov)
-    sign = jnp.sign(jnp.linalg.det(u @ vt))
-    sign = jnp.where(sign == 0, 1.0, sign)
-    dfix = jnp.array([1.0, 1.0, 0.0], p.dtype) + jnp.array([0.0, 0.0, 1.0], p.dtype) * sign
-    rot = (u * dfix[None, :]) @ vt
-    var_m = jnp.sum(wts * jnp.sum(mc * mc, -1)) / tw
-    s = jnp.sum(sv * dfix) / jnp.maximum(var_m, 1e-12)
-    s = jnp.where(solve_scale > 0, s, scale0)
-    return rot, mp - s * rot @ mm, s
-
-
 @functools.partial(jax.jit, static_argnames=("iterations",))
 def rigid_search(points, mask, model_points, rot0, transl0, scale0, solve_scale, robust_scale, *, iterations: int):
     """Rigid (or similarity) ICP from H starting poses, all at once.
@@ -861,7 +843,7 @@ def rigid_search(points, mask, model_points, rot0, transl0, scale0, solve_scale,
             sigma = robust_scale * scale * (1.0 + 3.0 * (1.0 - i / max(iterations - 1, 1)))
             idx, d2 = nearest(rot, transl, scale)
             _, wts = _geman_mcclure(d2, sigma**2)
-            return _umeyama(points, model_points[idx], wts * mask, solve_scale, scale)
+            return lbs.procrustes(model_points[idx], points, wts * mask, solve_scale=solve_scale > 0, scale=scale)
 
         rot, transl, scale = jax.lax.fori_loop(0, iterations, body, (rot, transl, scale))
         _, d2 = nearest(rot, transl, scale)

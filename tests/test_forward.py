@@ -279,6 +279,32 @@ def test_rodrigues_is_accurate_in_float32_near_zero():
     np.testing.assert_allclose(R, Rotation.from_rotvec(np.asarray(aa, np.float64)).as_matrix(), atol=1e-7)
 
 
+def test_procrustes_recovers_a_similarity_and_weights_select_points():
+    rng = np.random.default_rng(3)
+    src = rng.normal(size=(2, 40, 3))
+    rot = Rotation.random(2, random_state=4).as_matrix()
+    t, s = rng.normal(size=(2, 3)), np.array([0.7, 1.9])
+    dst = s[:, None, None] * np.einsum("bij,bnj->bni", rot, src) + t[:, None, :]
+    r_fit, t_fit, s_fit = lbs.procrustes(jnp.asarray(src), jnp.asarray(dst), solve_scale=True)
+    np.testing.assert_allclose(r_fit, rot, atol=1e-12)
+    np.testing.assert_allclose(t_fit, t, atol=1e-12)
+    np.testing.assert_allclose(s_fit, s, atol=1e-12)
+    # A reflection is not a rotation: the best proper rotation is returned (det +1).
+    mirrored = src * np.array([1.0, 1.0, -1.0])
+    r_mirror, _, _ = lbs.procrustes(jnp.asarray(src[0]), jnp.asarray(mirrored[0]))
+    np.testing.assert_allclose(np.linalg.det(r_mirror), 1.0, atol=1e-12)
+    # Zero weights drop points: garbage there changes nothing; one shared source, two weightings.
+    spoiled = dst[0].copy()
+    spoiled[:10] += 5.0
+    weights = np.ones((2, 40))
+    weights[:, :10] = 0.0
+    weights[1, 10:20] = 3.0
+    r_w, t_w, s_w = lbs.procrustes(jnp.asarray(src[0]), jnp.asarray(spoiled), jnp.asarray(weights), scale=s[0])
+    np.testing.assert_allclose(r_w, np.broadcast_to(rot[0], (2, 3, 3)), atol=1e-12)
+    np.testing.assert_allclose(t_w, np.broadcast_to(t[0], (2, 3)), atol=1e-12)
+    np.testing.assert_allclose(s_w, [s[0], s[0]])
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

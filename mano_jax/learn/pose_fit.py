@@ -66,29 +66,6 @@ def pose_vertices(model: ManoModel, template, global_rot, hand_pose, transl) -> 
     return lbs.skin(template + correctives(model, hand_pose), model.weights, t)
 
 
-def _det3(a):
-    """det of (*, 3, 3) matrices in closed form (LAPACK's batched LU can deadlock inside loops, see
-    `templates._solve3`)."""
-    return jnp.sum(a[..., 0, :] * jnp.cross(a[..., 1, :], a[..., 2, :]), axis=-1)
-
-
-def _kabsch(source, target, weights):
-    """Rotations R_k minimising sum_v w_kv |R_k (x_v - x_k) - (y_v - y_k)|^2, x_k, y_k weighted means.
-
-    source, target (V, 3) shared by all K weightings, weights (K, V) -> (K, 3, 3), (K, 3), (K, 3).
-    """
-    total = jnp.maximum(jnp.sum(weights, axis=-1), 1e-12)[:, None]
-    x_mean = weights @ source / total
-    y_mean = weights @ target / total
-    outer = (source[:, :, None] * target[:, None, :]).reshape(-1, 9)
-    cov = (weights @ outer).reshape(-1, 3, 3) - total[:, :, None] * x_mean[:, :, None] * y_mean[:, None, :]
-    u, _, vt = jnp.linalg.svd(cov)
-    d = jnp.sign(_det3(jnp.swapaxes(vt, -1, -2) @ jnp.swapaxes(u, -1, -2)))
-    fix = jnp.stack([jnp.ones_like(d), jnp.ones_like(d), d], axis=-1)
-    rot = jnp.swapaxes(vt, -1, -2) @ (fix[:, :, None] * jnp.swapaxes(u, -1, -2))
-    return rot, x_mean, y_mean
-
-
 def procrustes_init(model: ManoModel, template, target) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Closed-form pose of one registration: each part's world rotation by weighted Procrustes.
 
@@ -97,12 +74,13 @@ def procrustes_init(model: ManoModel, template, target) -> tuple[jax.Array, jax.
     the kinematic tree. Returns (global_rot (3,3), hand_pose (45,), transl (3,)): a start for `fit_poses`
     that is good to a few degrees, whatever the global orientation.
     """
-    world, x_mean, y_mean = _kabsch(template, target, (model.weights**4).T)
+    world, trans, _ = lbs.procrustes(template, target, (model.weights**4).T)
     parents = jnp.asarray([max(p, 0) for p in model.parents])
     local = jnp.swapaxes(world[parents], -1, -2) @ world
     hand_pose = lbs.matrix_to_axis_angle(local[1:]).reshape(45)
     j0 = rest_joints(model, template)[0]
-    transl = y_mean[0] - world[0] @ (x_mean[0] - j0) - j0
+    # Global rotation is about J_0: R (x - j0) + j0 + transl = R x + trans.
+    transl = trans[0] + world[0] @ j0 - j0
     return world[0], hand_pose, transl
 
 
