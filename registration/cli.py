@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -35,6 +36,7 @@ def add_commands(subparsers) -> None:
     _add_common(p)
     p.add_argument("--keypoints", help="per-frame 3D keypoints (T,21,3) .npy/.npz/.json, in the scans' units")
     p.add_argument("--keypoint-order", choices=("mano", "openpose"), default="mano", help="order of --keypoints")
+    _add_cache(p)
     p.set_defaults(func=_cmd_register)
 
     p = subparsers.add_parser(
@@ -68,6 +70,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--model", help="model: bundled name or path (default: the open right hand)")
     p.add_argument("--config", help="JSON file overriding RegistrationConfig fields")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_cache(p)
     p.set_defaults(func=_cmd_demo)
 
 
@@ -80,6 +83,34 @@ def _add_common(p) -> None:
     p.add_argument("--format", choices=("ply", "obj"), default="ply", help="per-frame mesh format (default: ply)")
     p.add_argument("--config", help="JSON file overriding RegistrationConfig fields")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_cache(p) -> None:
+    p.add_argument(
+        "--jax-cache",
+        help="persistent JAX compilation cache directory, so a later run does not compile again; 'none' to "
+        "disable (default: $MANO_JAX_CACHE, else the user's cache folder, e.g. ~/.cache/mano-jax/jax)",
+    )
+
+
+def default_cache_dir() -> Path:
+    """Where `register` and `demo` keep compiled programs: $MANO_JAX_CACHE, else $XDG_CACHE_HOME/mano-jax/jax,
+    else ~/.cache/mano-jax/jax."""
+    if os.environ.get("MANO_JAX_CACHE"):
+        return Path(os.environ["MANO_JAX_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mano-jax" / "jax"
+
+
+def _use_cache(choice: str | None) -> None:
+    from . import many
+
+    if choice == "none":
+        return
+    folder = Path(choice) if choice else default_cache_dir()
+    try:
+        many.enable_compilation_cache(folder)
+    except OSError as e:  # a read-only home only costs the compile time
+        warnings.warn(f"{folder}: cannot keep compiled programs there ({e.strerror or e}); compiling afresh")
 
 
 def load_config(path: str | None, **overrides):
@@ -157,6 +188,7 @@ def _cmd_register(args) -> int:
 
     config = load_config(args.config, unordered=True if args.unordered else None)
     model = load_model_for(args.model, args.side)
+    _use_cache(args.jax_cache)
     scans = load_scans(
         args.input,
         units=args.units,
@@ -214,6 +246,7 @@ def _cmd_demo(args) -> int:
         raise UsageError(f"--frames must be >= 3 and --points >= 200, got {args.frames}, {args.points}")
     config = load_config(args.config)
     model = load_model_for(args.model, None)
+    _use_cache(args.jax_cache)
     out = Path(args.out)
     _say(f"synthesising {args.frames} frames of {args.points} points (partial view, 1 mm noise, 5% outliers, forearm)")
     scans, truth = make_sequence(model, num_frames=args.frames, points_per_frame=args.points, seed=args.seed)

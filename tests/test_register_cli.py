@@ -8,11 +8,12 @@ it in seconds.
 import argparse
 import inspect
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from registration import pipeline
+from registration import many, pipeline
 from registration.cli import add_commands
 from registration.result import RegistrationResult, load_result
 from registration.scans import ScanWarning, load_scans
@@ -63,6 +64,14 @@ def calls(monkeypatch, model):
     return record
 
 
+@pytest.fixture(autouse=True)
+def cache_dirs(monkeypatch):
+    """The real cache would stay switched on for the rest of the test process: record where it would go."""
+    record = []
+    monkeypatch.setattr(many, "enable_compilation_cache", lambda folder: record.append(Path(folder)))
+    return record
+
+
 @pytest.fixture(scope="module")
 def scan_dir(model, tmp_path_factory):
     """A tiny synthetic sequence saved as millimetre .npy frames."""
@@ -103,6 +112,28 @@ def test_register_options_reach_the_loader_and_the_config(calls, scan_dir, tmp_p
     assert call["config"].unordered is True and call["scans"].unordered
     assert call["scans"].units == "m"
     assert (out / "meshes" / "frame_0000.obj").is_file()
+
+
+def test_compiled_programs_are_kept_between_runs(calls, cache_dirs, scan_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("MANO_JAX_CACHE", raising=False)
+    assert run(["register", scan_dir, "--out", tmp_path / "a", "--quiet"]) == 0
+    monkeypatch.setenv("MANO_JAX_CACHE", str(tmp_path / "env"))
+    assert run(["register", scan_dir, "--out", tmp_path / "b", "--quiet"]) == 0
+    assert run(["register", scan_dir, "--out", tmp_path / "c", "--jax-cache", tmp_path / "given", "--quiet"]) == 0
+    assert run(["register", scan_dir, "--out", tmp_path / "d", "--jax-cache", "none", "--quiet"]) == 0
+    assert run(["demo", "--out", tmp_path / "e", "--frames", 3, "--points", 300, "--quiet"]) == 0
+    assert cache_dirs == [tmp_path / "xdg" / "mano-jax" / "jax", tmp_path / "env", tmp_path / "given", tmp_path / "env"]
+
+
+def test_an_unusable_cache_folder_is_a_warning(calls, scan_dir, tmp_path, monkeypatch, capsys):
+    def refuse(folder):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(many, "enable_compilation_cache", refuse)
+    with pytest.warns(UserWarning, match="cannot keep compiled programs there"):
+        assert run(["register", scan_dir, "--out", tmp_path / "out", "--jax-cache", tmp_path / "ro", "--quiet"]) == 0
+    assert (tmp_path / "out" / "done.json").is_file()
 
 
 def test_register_left_hand_uses_the_left_model(calls, scan_dir, tmp_path):
