@@ -70,12 +70,34 @@ def test_result_round_trips_through_params_file(tmp_path, full_result):
         load_result(tmp_path / "broken.npz")
 
 
-def test_partial_noisy_scans_with_outliers_and_forearm(open_right):
-    scans, truth = make_sequence(open_right, num_frames=FRAMES, points_per_frame=POINTS, seed=2)
-    result = pipeline.register_sequence(scans, open_right, CONFIG, progress=False)
-    err = vertex_error_mm(result, open_right, truth)
+@pytest.fixture(scope="module")
+def partial_sequence(open_right):
+    return make_sequence(open_right, num_frames=FRAMES, points_per_frame=POINTS, seed=2)
+
+
+@pytest.fixture(scope="module")
+def partial_result(open_right, partial_sequence):
+    return pipeline.register_sequence(partial_sequence[0], open_right, CONFIG, progress=False)
+
+
+def test_partial_noisy_scans_with_outliers_and_forearm(open_right, partial_sequence, partial_result):
+    err = vertex_error_mm(partial_result, open_right, partial_sequence[1])
     assert err.mean() < 8.0, err
-    assert np.median(result.frame_residual) < 0.0015
+    assert np.median(partial_result.frame_residual) < 0.0015
+
+
+def test_scans_far_from_their_origin_fit_as_well(open_right, partial_sequence, partial_result):
+    # A scanner's coordinates can put the hand metres from the origin, turned any way.
+    scans, truth = partial_sequence
+    turn, shift = Rotation.from_rotvec([0.3, -1.0, 2.2]), np.array([0.8, -1.8, 2.6])
+    moved = scans.replace(
+        points=tuple(turn.apply(p) + shift for p in scans.points),
+        normals=tuple(None if n is None else turn.apply(n) for n in scans.normals),
+    )
+    result = pipeline.register_sequence(moved, open_right, CONFIG, progress=False)
+    back = turn.inv().apply((result.posed_vertices(open_right) - shift).reshape(-1, 3)).reshape(truth.vertices.shape)
+    err = 1000 * np.linalg.norm(back - truth.vertices, axis=-1).mean()
+    assert err < vertex_error_mm(partial_result, open_right, truth).mean() + 0.5, err
 
 
 def test_bad_frame_is_bridged_without_nan(open_right, full_sequence):
@@ -124,7 +146,10 @@ def test_finger_hypotheses_free_a_finger_stuck_curled(open_right, full_sequence)
     scans, truth = full_sequence
     problem = pipeline.prepare(scans, open_right, CONFIG)
     hand = stages.make_hand(open_right, truth.offsets, CONFIG.num_markers)
-    true_poses = pipeline.Poses(truth.hand_pose.copy(), Rotation.from_rotvec(truth.global_orient).as_matrix(), truth.transl.copy())
+    # The solvers work relative to the scans' median (`problem.origin`).
+    true_poses = pipeline.Poses(
+        truth.hand_pose.copy(), Rotation.from_rotvec(truth.global_orient).as_matrix(), truth.transl - problem.origin
+    )
     stuck = true_poses.copy()
     ring = pipeline._FINGER_PARAMS[pipeline._FINGER_NAMES.index("ring")]
     limits = problem.priors.limits
