@@ -49,7 +49,7 @@ _MIN_FRAME_POINTS = 30
 # Stage-0 articulated refinement rounds: (robust scale, pose prior weight) multipliers.
 _INIT_SCHEDULE = ((8.0, 100.0), (4.0, 30.0), (2.0, 10.0), (1.0, 1.0), (1.0, 1.0))
 # Stage-0 shifts (metres, towards the fingers) of each rigid placement refined.
-_INIT_SHIFTS = (0.0, 0.015, 0.03)
+_INIT_SHIFTS = (0.0, 0.02)
 _OFFSET_CG_ITERATIONS = 150
 _CHECKPOINT_FORMAT = "mano-jax-registration-checkpoint/2"
 
@@ -418,6 +418,19 @@ def _robust_size(x: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.sum((x - np.median(x, axis=0)) ** 2, axis=1))))
 
 
+def _scan_centres(scan: np.ndarray, length: float) -> np.ndarray:
+    """(3, 3) where the hand may be centred in a scan: its median, and each end of its long axis (a hand
+    `length` long placed against the end), where the hand lies when the scan runs on up the forearm."""
+    axis = _principal_axes(scan)[:, 0]
+    along = (scan - np.median(scan, axis=0)) @ axis
+    centres = [np.median(scan, axis=0)]
+    for end, inward in ((np.percentile(along, 2), 1.0), (np.percentile(along, 98), -1.0)):
+        middle = end + inward * min(0.5 * length, abs(end))
+        slab = np.abs(along - middle) <= 0.5 * length
+        centres.append(np.median(scan[slab], axis=0) if slab.any() else centres[0])
+    return np.asarray(centres)
+
+
 def _hypotheses(scan: np.ndarray, model_pts: np.ndarray) -> np.ndarray:
     """(H, 3, 3) starting rotations: principal-axes alignments (4 sign choices x 4 turns about the long
     axis) and the 60 rotations of the icosahedral group (no two more than ~45 degrees from one another)."""
@@ -471,13 +484,16 @@ def rigid_candidates(problem: Problem, frame: int, solve_scale: bool, scale: flo
     )
     posed_v, posed_kp = np.asarray(out[0], np.float64), np.asarray(out[1], np.float64)
     wrist = posed_kp[0, 0]
+    _, hand_dir = stages._hand_direction(model, rest_v)
     results = []  # (pose index, rot, transl (ICP convention), scale, cost)
     for p_idx, verts in enumerate(posed_v):
         mpts = verts[picks]
         rots = _hypotheses(sub, mpts)
         s0 = _robust_size(sub) / _robust_size(mpts) if solve_scale else scale
+        centres = _scan_centres(sub, s0 * np.ptp(mpts @ _principal_axes(mpts)[:, 0]))
+        rots = np.concatenate([rots] * len(centres))
         scales = np.full(len(rots), s0)
-        trans = np.median(sub, axis=0)[None] - s0 * np.einsum("hij,j->hi", rots, np.median(mpts, axis=0))
+        trans = np.repeat(centres, len(rots) // len(centres), axis=0) - s0 * np.einsum("hij,j->hi", rots, np.median(mpts, axis=0))
         if problem.keypoint_conf[frame].any():
             aligned = _keypoint_alignment(posed_kp[p_idx], problem.keypoints[frame], problem.keypoint_conf[frame], solve_scale)
             if aligned is not None:
@@ -486,7 +502,8 @@ def rigid_candidates(problem: Problem, frame: int, solve_scale: bool, scale: flo
                 scales = np.concatenate([scales, [aligned[2] if solve_scale else scale]])
         rot, transl, sc, cost = stages.rigid_search(
             f(sub), f(np.ones(len(sub))), f(mpts), f(rots), f(trans), f(scales),
-            f(1.0 if solve_scale else 0.0), f(cfg.robust_scale), iterations=cfg.init_icp_iterations,
+            f(1.0 if solve_scale else 0.0), f(cfg.robust_scale), f(wrist), f(hand_dir), f(problem.cut_offset),
+            iterations=cfg.init_icp_iterations,
         )
         rot, transl, sc, cost = (np.asarray(x, np.float64) for x in (rot, transl, sc, cost))
         u, _, vt = np.linalg.svd(rot)

@@ -816,8 +816,14 @@ def solve_template(hand, mesh, offsets, directions, frames, matches, params, bet
 # ------------------------------------------------------------------------------------------------------
 
 
+# Cost of a scan point cut away as forearm in the rigid search, against up to 1 for a point the model leaves
+# unexplained: cutting is cheaper than leaving the forearm unexplained, dearer than fitting a point.
+_FOREARM_COST = 0.3
+
+
 @functools.partial(jax.jit, static_argnames=("iterations",))
-def rigid_search(points, mask, model_points, rot0, transl0, scale0, solve_scale, robust_scale, *, iterations: int):
+def rigid_search(points, mask, model_points, rot0, transl0, scale0, solve_scale, robust_scale, wrist, hand_dir,
+                 cut_offset, *, iterations: int):  # fmt: skip
     """Rigid (or similarity) ICP from H starting poses, all at once.
 
     Args:
@@ -826,9 +832,13 @@ def rigid_search(points, mask, model_points, rot0, transl0, scale0, solve_scale,
       rot0, transl0, scale0: (H, 3, 3), (H, 3), (H,) starting transforms (model -> scan).
       solve_scale: 1 to solve a global scale too.
       robust_scale: final Geman-McClure scale (metres); ICP starts 4x wider and narrows.
+      wrist, hand_dir, cut_offset: the model's wrist (3,), its direction towards the fingers (3,), and the
+        signed distance along it behind which scan points are forearm (as in the articulated fit).
 
-    Returns (rot, transl, scale, robust cost) per hypothesis; cost = mean robust distance of the scan
-    points to the transformed model points (lower is better).
+    Returns (rot, transl, scale, robust cost) per hypothesis; cost = mean over the scan points of the robust
+    distance to the transformed model points, `_FOREARM_COST` for points behind its wrist (lower is
+    better). Without the forearm cut, a scan that runs on up the arm outweighs the hand, and a hand turned
+    palm for back can win.
     """
 
     def one(rot, transl, scale):
@@ -838,16 +848,23 @@ def rigid_search(points, mask, model_points, rot0, transl0, scale0, solve_scale,
             idx = jnp.argmin(d2, axis=1)
             return idx, jnp.maximum(jnp.take_along_axis(d2, idx[:, None], 1)[:, 0], 0.0)
 
+        def kept(rot, transl, scale):
+            along = (points - (scale * rot @ wrist + transl)[None, :]) @ (rot @ hand_dir)
+            return mask * (along >= cut_offset * scale)
+
         def body(i, state):
             rot, transl, scale = state
             sigma = robust_scale * scale * (1.0 + 3.0 * (1.0 - i / max(iterations - 1, 1)))
             idx, d2 = nearest(rot, transl, scale)
             _, wts = _geman_mcclure(d2, sigma**2)
-            return lbs.procrustes(model_points[idx], points, wts * mask, solve_scale=solve_scale > 0, scale=scale)
+            return lbs.procrustes(model_points[idx], points, wts * kept(rot, transl, scale), solve_scale=solve_scale > 0, scale=scale)
 
         rot, transl, scale = jax.lax.fori_loop(0, iterations, body, (rot, transl, scale))
         _, d2 = nearest(rot, transl, scale)
-        rho, _ = _geman_mcclure(d2, (robust_scale * scale) ** 2)
-        return rot, transl, scale, jnp.sum(rho * mask) / jnp.maximum(jnp.sum(mask), 1.0) / (robust_scale * scale) ** 2
+        sigma2 = (robust_scale * scale) ** 2
+        rho, _ = _geman_mcclure(d2, sigma2)
+        keep = kept(rot, transl, scale)
+        cost = jnp.sum(keep * rho / sigma2 + (mask - keep) * _FOREARM_COST) / jnp.maximum(jnp.sum(mask), 1.0)
+        return rot, transl, scale, cost
 
     return jax.vmap(one)(rot0, transl0, scale0)
