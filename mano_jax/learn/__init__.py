@@ -6,7 +6,8 @@
 
 Modules: `data` (registrations), `locality` (geodesic cost matrix), `pose_fit` (per-registration pose),
 `templates` (unposing, per-hand templates), `blendshapes` (closed-form pose blend shapes),
-`shape_space` / `pose_space` (PCA), `trainer` (the alternation and its report), `evaluate`,
+`shape_space` / `pose_space` (PCA), `skinning` (optional refinement of skinning weights and joint
+regressor), `trainer` (the alternation and its report), `evaluate`,
 `synthetic` (planted ground truth for tests and benchmarks), `cli` (`mano-jax learn`).
 """
 

@@ -40,6 +40,15 @@ def add_commands(subparsers) -> None:
                    help="metres from a joint's skin ring within which its corrective is free")
     p.add_argument("--flat-sigma", type=float, default=defaults.flat_sigma,
                    help="radians; down-weighting of posed registrations in the first templates")
+    p.add_argument("--refine-weights", action="store_true",
+                   help="also re-fit the skinning weights (non-negative, rows sum to 1, near the starting ones)")
+    p.add_argument("--refine-regressor", action="store_true",
+                   help="also re-fit the joint regressor (non-negative, rows sum to 1, the starting support), "
+                        "from per-hand joints solved with the templates")
+    p.add_argument("--weights-ridge", type=float, default=defaults.weights_ridge,
+                   help="pull of the refined weights towards the starting ones (relative to the data)")
+    p.add_argument("--regressor-ridge", type=float, default=defaults.regressor_ridge,
+                   help="pull of the refined regressor rows towards the starting ones (relative to the data)")
     p.add_argument("--chunk-size", type=int, default=defaults.chunk_size)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_learn)
@@ -65,12 +74,17 @@ def run_learn(args: argparse.Namespace) -> int:
     for name in ("iterations", "num_betas", "chunk_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("weights_ridge", "regressor_ridge"):
+        if not getattr(args, name) >= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
     try:
         init = io.load_model(args.init, dtype=jnp.float64)
         regs = load_registrations(args.registrations)
         config = LearnConfig(
             iterations=args.iterations, num_betas=args.num_betas, locality=not args.no_locality,
             locality_radius=args.locality_radius, flat_sigma=args.flat_sigma, chunk_size=args.chunk_size,
+            refine_weights=args.refine_weights, refine_regressor=args.refine_regressor,
+            weights_ridge=args.weights_ridge, regressor_ridge=args.regressor_ridge,
         )  # fmt: skip
         result = learn(regs, init, config, checkpoint_dir=args.checkpoint_dir, progress=not args.quiet)
     except (ValueError, FileNotFoundError) as e:

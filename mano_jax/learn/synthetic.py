@@ -221,3 +221,23 @@ def make_dataset(
         transl=transl, clean_vertices=clean,
     )  # fmt: skip
     return regs, truth
+
+
+def perturb_skinning(model: ManoModel, rng, weights_scale: float = 0.5, regressor_scale: float = 0.7) -> ManoModel:
+    """`model` with every nonzero skinning weight and joint-regressor entry multiplied by exp(scale x a
+    standard normal draw) and the rows renormalised: supports and constraints kept, values off the
+    truth. A start for checking that weight / regressor refinement recovers the truth."""
+    w = np.asarray(model.weights) * np.exp(weights_scale * rng.standard_normal(model.weights.shape))
+    r = np.asarray(model.J_regressor) * np.exp(regressor_scale * rng.standard_normal(model.J_regressor.shape))
+    dtype = model.v_template.dtype
+    return model.replace(weights=jnp.asarray(w / w.sum(1, keepdims=True), dtype),
+                         J_regressor=jnp.asarray(r / r.sum(1, keepdims=True), dtype))  # fmt: skip
+
+
+def skinning_errors(model: ManoModel, truth: SyntheticTruth) -> dict:
+    """How far `model`'s weights and regressor are from the truth's: mean L1 distance of weight rows,
+    and mean distance (mm) of the joints they regress from the true templates."""
+    w = np.abs(np.asarray(model.weights) - np.asarray(truth.model.weights)).sum(axis=1).mean()
+    diff = np.asarray(model.J_regressor) - np.asarray(truth.model.J_regressor)
+    joints = np.linalg.norm(np.einsum("jv,hva->hja", diff, truth.templates), axis=-1).mean()
+    return {"weights_l1": float(w), "joints_mm": 1e3 * float(joints)}

@@ -10,9 +10,13 @@
        pinned to the starting model's, part by part;
     1..iterations:
        a. poses of every registration, from the previous ones (`pose_fit.fit_poses`);
+       (optionally, `refine_weights`, from iteration `refine_from`: the skinning weights, solved
+       jointly with the correctives' best response, `skinning.refine_weights`);
        b. pose blend shapes and templates together, in closed form (`blendshapes.solve_posedirs`),
           with the rigid part of each joint's corrective handed back to the pose
           (`blendshapes.rigid_free`);
+       (optionally, `refine_regressor`, from iteration `refine_from`: per-hand templates and rest
+       joints together, then the joint regressor from them, `skinning`);
     then the shape space (PCA of the templates) and the pose space (PCA of the fitted poses).
 
 Robustness: a vertex whose blended skinning rotation has collapsed (determinant < 0.25) and every
@@ -20,7 +24,9 @@ vertex of a registration whose fit is an outlier (RMS error above max(4 x median
 are replaced by the current model's prediction before the closed-form steps, so they cannot pull
 the solution; outliers are left out of the pose PCA too; the report names them.
 
-Skinning weights and the joint regressor are the starting model's (learning them is not implemented).
+Skinning weights and the joint regressor are the starting model's unless `refine_weights` /
+`refine_regressor` ask for them to be refined (non-negative rows summing to 1, sparse, kept near the
+start; see `skinning` for why they must be solved with the correctives and templates, not after them).
 Left registrations are mirrored into the right-hand training set; the left model is the mirror of the
 learned right one. Lengths are metres.
 """
@@ -46,6 +52,7 @@ from .locality import cost_matrix, joint_distances, leakage
 from .pose_fit import Poses, correctives, fit_poses
 from .pose_space import PoseSpace, pose_pca
 from .shape_space import ShapeSpace, shape_pca
+from .skinning import fit_templates_and_joints, refine_regressor, refine_weights, weight_support
 from .templates import average_templates, flat_pose_weights, normalise_templates, project_to_shape_space, unpose
 
 
@@ -84,10 +91,34 @@ class LearnConfig:
     """Remove the rigid motion of each joint's neighbourhood from its corrective (`blendshapes.rigid_free`)."""
     ridge: float = 1e-4
     """Weight of |P|^2, relative to the data term."""
+    refine_weights: bool = False
+    """Re-fit the skinning weights (non-negative, rows sum to 1, support the starting weights' joints and
+    their kinematic neighbours), jointly with the pose blend shapes' response (`skinning.refine_weights`).
+    Off: the starting model's weights are kept bit for bit."""
+    weights_ridge: float = 1e-4
+    """Pull of the refined weights towards the starting ones: lambda_v |w_v - w_v^start|^2 with lambda_v
+    this times the vertex's mean data curvature per supported joint."""
+    refine_regressor: bool = False
+    """Re-fit the joint regressor (non-negative, rows sum to 1, support the starting regressor's) from
+    per-hand rest joints solved together with the templates (`skinning.fit_templates_and_joints`,
+    `skinning.refine_regressor`). Off: the starting model's regressor is kept bit for bit."""
+    regressor_ridge: float = 1e-3
+    """Pull of each regressor row towards the starting row, relative to the row's mean data curvature."""
+    joints_ridge: float = 1e-3
+    """Pull of the per-hand joints towards the regressed ones, relative to their mean data curvature."""
+    refine_from: int = 1
+    """First iteration that refines weights / regressor (iteration 0 makes the first templates)."""
     num_betas: int = 10
     """Shape components kept (at most the number of hands - 1)."""
     chunk_size: int = 32
     """Registrations per vectorised batch in pose fitting (memory ~ chunk * V * 160 floats)."""
+
+    def __post_init__(self):
+        if self.refine_from < 1:
+            raise ValueError(f"LearnConfig.refine_from must be at least 1, got {self.refine_from}")
+        for name in ("weights_ridge", "regressor_ridge", "joints_ridge"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"LearnConfig.{name} must be non-negative, got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -236,6 +267,7 @@ def learn(
         return rest, corr, outlier
 
     joints0 = init.J_regressor @ init.v_template
+    support = weight_support(init.weights, init.parents) if config.refine_weights else None
     bar = tqdm(range(first, config.iterations + 1), desc="learn", disable=not progress, unit="it")
     for it in bar:
         t0 = time.perf_counter()
@@ -261,6 +293,16 @@ def learn(
         else:
             poses, rms = fit_poses(model, templates, hand_index, targets, poses,
                                    iterations=config.pose_iterations, **fit)  # fmt: skip
+            entry["step"] = "poses"
+            refine = it >= config.refine_from
+            if config.refine_weights and refine:
+                # Before the correctives: solved with their response, the weights are not pre-empted.
+                weights = refine_weights(model, templates, hand_index, poses, targets, ~_outliers(rms), init.weights,
+                                         support, cost, ridge=config.weights_ridge, posedirs_ridge=config.ridge,
+                                         respond=config.learn_posedirs, chunk_size=config.chunk_size)  # fmt: skip
+                model = model.replace(weights=weights)
+                entry["weights_mean_abs_change_from_start"] = float(jnp.mean(jnp.abs(weights - init.weights)))
+                entry["step"] += ", skinning weights"
             rest, corr, outlier = rest_frame(model, templates, poses, rms)
             unposed = rest + corr
             features = pose_features(poses.hand_pose)
@@ -274,8 +316,19 @@ def learn(
                 model = model.replace(posedirs=posedirs)
             else:
                 templates = average_templates(rest, hand_index, num_hands)
-            templates = normalise_templates(init, templates, init.v_template)
-            entry["step"] = "poses, then pose blend shapes and templates"
+            entry["step"] += ", pose blend shapes and templates"
+            if config.refine_regressor and refine:
+                templates, joints = fit_templates_and_joints(model, templates, hand_index, poses, targets,
+                                                             ~outlier, ridge=config.joints_ridge,
+                                                             chunk_size=config.chunk_size)  # fmt: skip
+                regressor = refine_regressor(templates, joints, init.J_regressor, ridge=config.regressor_ridge)
+                model = model.replace(J_regressor=regressor)
+                templates = jnp.asarray(templates, dtype)
+                moved = jnp.linalg.norm(jnp.einsum("jv,hva->hja", regressor - init.J_regressor, templates), axis=-1)
+                entry["regressed_joints_mean_shift_from_start_mm"] = 1e3 * float(jnp.mean(moved))
+                entry["step"] += ", templates with joints, joint regressor"
+            # The current weights and regressor define the rest pose the templates are pinned to.
+            templates = normalise_templates(model, templates, init.v_template)
         rms = np.asarray(rms)
         entry.update(
             fit_rms_mm_mean=1e3 * float(rms.mean()),
