@@ -81,8 +81,11 @@ class RegistrationConfig:
     # --- stage 1: subject template -----------------------------------------------------------------
     num_keyframes: int = 8
     """Frames (spread through the sequence) over which the template is fitted; at most `window`."""
-    template_rounds: int = 4
-    """Rounds of (correspondences, betas + keyframe poses, offsets)."""
+    template_rounds: int = 6
+    """Rounds of (correspondences, betas + keyframe poses, offsets). The keyframes start from poses tracked
+    with the stage-0 template, and size and finger flexion trade off slowly: each round moves them further
+    from that start (bench/registration.py, partial scans: 4, 5, 6 rounds give 2.97, 2.92, 2.86 mm; full
+    scans 1.27 -> 1.17 mm from 4 to 6; each round costs about 2.5 s)."""
     offset_directions: Literal["normal", "free"] = "normal"
     """Offsets along the template's vertex normals (one number per vertex) or in any direction. Free
     offsets can also slide vertices along the surface and bend the template, which trades off against
