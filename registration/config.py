@@ -57,16 +57,23 @@ class RegistrationConfig:
     Much looser floors let a finger's PIP and DIP drift apart where partial scans do not see them."""
     joint_limit_weight: float = 1.0
     """Weight of the joint-angle limit penalty `mano_jax.priors.JointLimits`."""
-    shape_prior_weight: float = 0.001
-    """Weight of the shape prior (squared norm of `betas`)."""
+    shape_prior_weight: float = 0.05
+    """Weight of the shape prior (squared norm of `betas`, which are in population standard deviations).
+    Every beta but the first moves the surface by a millimetre or less per standard deviation, so partial
+    noisy scans hardly tell them apart from noise and pose error: at 0.001 they wandered to 1.5-2 standard
+    deviations, off the subject's own (0.05 lowers the error on bench/registration.py's partial scans by
+    0.12-0.15 mm). The per-vertex offsets carry the detail the betas then leave out."""
 
     # --- stage 0: initialisation --------------------------------------------------------------------
     init_points: int = 400
     """Scan points (and model vertices) used by the rigid orientation search."""
     init_icp_iterations: int = 25
     """Rigid ICP iterations per hypothesis."""
-    init_shape_prior_weight: float = 0.05
-    """Shape prior weight while stage 0 fits betas (and scale) to a single frame."""
+    init_shape_prior_weight: float = 1.0
+    """Shape prior weight while stage 0 fits betas (and scale) to a single frame. One frame cannot tell a
+    big hand from a flexed one, and a template sized on it biases the first tracking's poses, from which
+    stage 1 starts and whose bias it keeps (at 0.05, bench/registration.py's partial scans got a hand 1.8%
+    too large and 0.34 mm more error); the keyframes of stage 1 settle the betas instead."""
     init_refine: int = 4
     """Best rigid hypotheses refined with an articulated fit per frame of an unordered set (the first
     frame of a sequence gets a whole window's worth); the lowest energy wins."""
@@ -74,8 +81,11 @@ class RegistrationConfig:
     # --- stage 1: subject template -----------------------------------------------------------------
     num_keyframes: int = 8
     """Frames (spread through the sequence) over which the template is fitted; at most `window`."""
-    template_rounds: int = 4
-    """Rounds of (correspondences, betas + keyframe poses, offsets)."""
+    template_rounds: int = 6
+    """Rounds of (correspondences, betas + keyframe poses, offsets). The keyframes start from poses tracked
+    with the stage-0 template, and size and finger flexion trade off slowly: each round moves them further
+    from that start (bench/registration.py, partial scans: 4, 5, 6 rounds give 2.97, 2.92, 2.86 mm; full
+    scans 1.27 -> 1.17 mm from 4 to 6; each round costs about 2.5 s)."""
     offset_directions: Literal["normal", "free"] = "normal"
     """Offsets along the template's vertex normals (one number per vertex) or in any direction. Free
     offsets can also slide vertices along the surface and bend the template, which trades off against

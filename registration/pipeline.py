@@ -609,8 +609,8 @@ def initial_shape(problem: Problem, frame: int, poses: Poses, scale: float, solv
     s = problem.model.num_betas
     hand = stages.make_hand(problem.model, np.zeros((problem.model.num_vertices, 3)), cfg.num_markers)
     mask = np.append(np.ones(s), 1.0 if solve_scale else 0.0)
-    # One frame cannot tell a long finger from a flexed one: keep betas near the mean (the keyframes of
-    # stage 1 settle them) while the size -- and the scale, when solved -- is found.
+    # One frame cannot tell a long finger from a flexed one: betas stay near the mean (the keyframes of
+    # stage 1 settle them) while the scale, when solved, is found.
     weights = problem.weights(temporal=False)
     weights = dataclasses.replace(weights, shape_prior=jnp.asarray(cfg.init_shape_prior_weight, weights.shape_prior.dtype))
     # Raw scan units: the solver scales the model by the (solved) scale.
