@@ -22,7 +22,8 @@ class RegistrationConfig:
     """Points per frame used in the fit: frames are randomly subsampled to this many (fewer are padded and
     masked), so every frame shares one compiled solver."""
     solve_scale: bool | None = None
-    """Solve a global scale between scans and model in stage 0. None: only when the units are unknown."""
+    """Solve a global scale between scans and model (stage 0 starts it, stage 1 refines it over the
+    keyframes). None: only when the units are unknown."""
     unordered: bool | None = None
     """Treat the frames as an unordered set (one template, each frame initialised on its own, no temporal
     term). None: take it from the `ScanSequence`."""
@@ -43,6 +44,10 @@ class RegistrationConfig:
     (metres) and that point's normal agrees with the vertex normal (it faces the sensor)."""
     forearm_margin: float = 0.01
     """Scan points farther than this (metres) beyond the model's wrist boundary, along the forearm, are cut."""
+    scale_forearm_margin: float = 0.04
+    """`forearm_margin` when the global scale is solved (unknown units). A scan that runs on into the
+    forearm does not show where the hand ends, and a larger hand slid back along the forearm (its fingers
+    flexed to reach the same tips) explains it as well: the scale is found from the rest of the hand."""
     keypoint_weight: float = 0.05
     """Weight of 3D keypoints (when given) in stages 1 and 2, per keypoint and mm^2, times confidence."""
     init_keypoint_weight: float = 1.0

@@ -2,12 +2,14 @@
 
 1. Stage 0 (`initialise`): on the first good frame, a multi-hypothesis rigid search over orientations
    (the scan's principal axes with sign flips and turns about the long axis, plus 60 rotations spread
-   over all orientations; and the keypoints' alignment when keypoints are given), the best hypotheses
-   refined with an articulated fit, then the shape (betas) and, for unknown units, a global scale.
+   over all orientations; and the keypoints' alignment when keypoints are given) and, for unknown units,
+   over sizes; the best hypotheses of each group (hand pointing either way along the scan, each starting
+   size) refined with an articulated fit and compared by `_placement_cost`; then the shape (betas) and,
+   for unknown units, a global scale.
 2. Tracking with that first template (`track`): windows of frames solved jointly, each new frame
    starting from a constant-velocity extrapolation of the frames before it.
-3. Stage 1 (`fit_template`): betas + smooth per-vertex offsets fitted jointly over keyframes spread
-   through the sequence, each keyframe with its own pose.
+3. Stage 1 (`fit_template`): betas + smooth per-vertex offsets (and, for unknown units, the global scale
+   again) fitted jointly over keyframes spread through the sequence, each keyframe with its own pose.
 4. Stage 2 (`track` again): every frame re-fitted with the subject template, temporal smoothness on
    velocity and acceleration, starting from step 2's poses.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import time
@@ -47,11 +50,14 @@ logger = logging.getLogger("registration")
 
 _MIN_FRAME_POINTS = 30
 # Stage-0 articulated refinement rounds: (robust scale, pose prior weight) multipliers.
-_INIT_SCHEDULE = ((8.0, 100.0), (4.0, 30.0), (2.0, 10.0), (1.0, 1.0), (1.0, 1.0))
+_INIT_SCHEDULE = ((8.0, 100.0), (4.0, 30.0), (2.0, 10.0)) + ((1.0, 1.0),) * 5
 # Stage-0 shifts (metres, towards the fingers) of each rigid placement refined.
 _INIT_SHIFTS = (0.0, 0.02)
+# Stage-0 starting sizes for unknown units, times the scan's spread over the model's: a scan that runs on
+# up the forearm, or has outliers, is wider than its hand.
+_INIT_SIZES = (1.0, 0.7, 0.5)
 _OFFSET_CG_ITERATIONS = 150
-_CHECKPOINT_FORMAT = "mano-jax-registration-checkpoint/2"
+_CHECKPOINT_FORMAT = "mano-jax-registration-checkpoint/3"
 
 
 class RegistrationError(ValueError):
@@ -214,7 +220,7 @@ def prepare(scans, model: ManoModel, config: RegistrationConfig) -> Problem:
         ),
         vertex_faces=vertex_faces(faces, model.num_vertices),
         mesh=stages.Mesh(edges=jnp.asarray(edges), degree=jnp.asarray(degree, model.dtype)),
-        cut_offset=stages.wrist_cut_offset(model, config.forearm_margin),
+        cut_offset=stages.wrist_cut_offset(model, config.scale_forearm_margin if solve_scale else config.forearm_margin),
         origin=origin,
     )
 
@@ -433,7 +439,9 @@ def _scan_centres(scan: np.ndarray, length: float) -> np.ndarray:
 
 def _hypotheses(scan: np.ndarray, model_pts: np.ndarray) -> np.ndarray:
     """(H, 3, 3) starting rotations: principal-axes alignments (4 sign choices x 4 turns about the long
-    axis) and the 60 rotations of the icosahedral group (no two more than ~45 degrees from one another)."""
+    axis) and the 60 rotations of the icosahedral group (no two more than ~45 degrees from one another)
+    taken in the principal axes' frames, so that the search does not depend on how the scanner's axes are
+    turned (a hand fitted as scanned was lost when the same scans were turned)."""
     es, em = _principal_axes(scan), _principal_axes(model_pts)
     rots = []
     for s1 in (1.0, -1.0):
@@ -442,7 +450,7 @@ def _hypotheses(scan: np.ndarray, model_pts: np.ndarray) -> np.ndarray:
             align = es @ flip @ em.T
             for turn in (0.0, 0.5 * np.pi, np.pi, 1.5 * np.pi):
                 rots.append(Rotation.from_rotvec(turn * es[:, 0]).as_matrix() @ align)
-    rots.extend(Rotation.create_group("I").as_matrix())
+    rots.extend(es @ Rotation.create_group("I").as_matrix() @ em.T)
     return np.asarray(rots)
 
 
@@ -459,6 +467,30 @@ def _keypoint_alignment(model_kp: np.ndarray, kp: np.ndarray, conf: np.ndarray, 
 def _start_poses(model: ManoModel) -> np.ndarray:
     """(P, 45) hand poses stage 0 starts from: flat, half-curled and the model's mean hand."""
     return np.asarray(model.hands_mean, np.float64)[None] * np.array([[0.0], [0.5], [1.0]])
+
+
+def _distinct(cands: list, count: int, num_starts: int) -> list:
+    """Up to `count` of `cands` (sorted by cost) that are distinct placements; while fewer than
+    `num_starts` are kept, one per start pose (the articulated fit needs the finger configurations as
+    much as the orientations)."""
+    chosen = []
+    for cand in cands:
+        same = any(
+            cand[0] == c[0]
+            and (
+                len(chosen) < num_starts
+                or (
+                    np.linalg.norm(Rotation.from_matrix(cand[1] @ c[1].T).as_rotvec()) < np.deg2rad(10)
+                    and np.linalg.norm(cand[2] - c[2]) < 0.005 * cand[3]
+                )
+            )
+            for c in chosen
+        )
+        if not same:
+            chosen.append(cand)
+        if len(chosen) == count:
+            break
+    return chosen
 
 
 def rigid_candidates(problem: Problem, frame: int, solve_scale: bool, scale: float, count: int, seed: int = 0):
@@ -485,21 +517,30 @@ def rigid_candidates(problem: Problem, frame: int, solve_scale: bool, scale: flo
     posed_v, posed_kp = np.asarray(out[0], np.float64), np.asarray(out[1], np.float64)
     wrist = posed_kp[0, 0]
     _, hand_dir = stages._hand_direction(model, rest_v)
-    results = []  # (pose index, rot, transl (ICP convention), scale, cost)
+    long_axis = _principal_axes(sub)[:, 0]
+    results = []  # (pose index, rot, transl (ICP convention), scale, cost, starting size index)
+    model_length = 0.0
     for p_idx, verts in enumerate(posed_v):
         mpts = verts[picks]
-        rots = _hypotheses(sub, mpts)
-        s0 = _robust_size(sub) / _robust_size(mpts) if solve_scale else scale
-        centres = _scan_centres(sub, s0 * np.ptp(mpts @ _principal_axes(mpts)[:, 0]))
-        rots = np.concatenate([rots] * len(centres))
-        scales = np.full(len(rots), s0)
-        trans = np.repeat(centres, len(rots) // len(centres), axis=0) - s0 * np.einsum("hij,j->hi", rots, np.median(mpts, axis=0))
+        turns = _hypotheses(sub, mpts)
+        length = np.ptp(mpts @ _principal_axes(mpts)[:, 0])
+        model_length = max(model_length, length)
+        sizes = _robust_size(sub) / _robust_size(mpts) * np.asarray(_INIT_SIZES) if solve_scale else [scale]
+        rots, trans, scales, size_idx = [], [], [], []
+        for k, s0 in enumerate(sizes):
+            for centre in _scan_centres(sub, s0 * length):
+                rots.append(turns)
+                trans.append(centre - s0 * turns @ np.median(mpts, axis=0))
+                scales.append(np.full(len(turns), s0))
+                size_idx.append(np.full(len(turns), k))
+        rots, trans, scales, size_idx = (np.concatenate(x) for x in (rots, trans, scales, size_idx))
         if problem.keypoint_conf[frame].any():
             aligned = _keypoint_alignment(posed_kp[p_idx], problem.keypoints[frame], problem.keypoint_conf[frame], solve_scale)
             if aligned is not None:
                 rots = np.concatenate([rots, aligned[0][None]])
                 trans = np.concatenate([trans, aligned[1][None]])
                 scales = np.concatenate([scales, [aligned[2] if solve_scale else scale]])
+                size_idx = np.append(size_idx, -1)
         rot, transl, sc, cost = stages.rigid_search(
             f(sub), f(np.ones(len(sub))), f(mpts), f(rots), f(trans), f(scales),
             f(1.0 if solve_scale else 0.0), f(cfg.robust_scale), f(wrist), f(hand_dir), f(problem.cut_offset),
@@ -507,27 +548,21 @@ def rigid_candidates(problem: Problem, frame: int, solve_scale: bool, scale: flo
         )
         rot, transl, sc, cost = (np.asarray(x, np.float64) for x in (rot, transl, sc, cost))
         u, _, vt = np.linalg.svd(rot)
-        results.extend((p_idx, r, t, s_, c) for r, t, s_, c in zip(u @ vt, transl, sc, cost))
-    results.sort(key=lambda r: r[4] if np.isfinite(r[4]) else np.inf)
-    chosen = []
-    for cand in results:
-        if not np.isfinite(cand[4]):
-            break
-        # Distinct placements only; while fewer placements than start poses are kept, one per start pose
-        # (the articulated fit needs the finger configurations as much as the orientations).
-        same = any(
-            (cand[0] == c[0] and len(chosen) < len(starts))
-            or (
-                cand[0] == c[0]
-                and np.linalg.norm(Rotation.from_matrix(cand[1] @ c[1].T).as_rotvec()) < np.deg2rad(10)
-                and np.linalg.norm(cand[2] - c[2]) < 0.005 * cand[3]
-            )
-            for c in chosen
-        )
-        if not same:
-            chosen.append(cand)
-        if len(chosen) == count:
-            break
+        results.extend((p_idx, *cand) for cand in zip(u @ vt, transl, sc, cost, size_idx))
+    # The best placements of each group (hand pointing either way along the scan's long axis, each
+    # starting size), interleaved: a rigid hand in a rest pose explains a curled hand's points barely
+    # better than a forearm's, so the hand turned round onto the forearm can lead the ranking, and only
+    # the articulated fit (`initialise`) tells the two apart.
+    # With the scale solved, a hand far longer than the whole scan can wrap it all, forearm and outliers
+    # included, at a low cost; even a fist scanned with no forearm is not half the length of a flat hand.
+    too_large = 2.0 * np.ptp(np.percentile(sub @ long_axis, [2, 98])) / model_length if solve_scale else np.inf
+    groups = {}
+    for cand in sorted(results, key=lambda r: r[4] if np.isfinite(r[4]) else np.inf):
+        if np.isfinite(cand[4]) and cand[3] <= too_large:
+            groups.setdefault((cand[5], bool((cand[1] @ hand_dir) @ long_axis >= 0)), []).append(cand)
+    ranked = [_distinct(g, count, len(starts)) for g in groups.values()]
+    ranked.sort(key=lambda g: g[0][4])
+    chosen = [c for level in itertools.zip_longest(*ranked) for c in level if c is not None][: max(count, len(ranked))]
     if not chosen:
         raise RegistrationError(f"frame {frame} ({problem.names[frame]}): the rigid search found no finite placement")
     p_idx = np.array([c[0] for c in chosen])
@@ -539,15 +574,30 @@ def rigid_candidates(problem: Problem, frame: int, solve_scale: bool, scale: flo
     return starts[p_idx], rot, t_fwd, sc, np.array([c[4] for c in chosen])
 
 
+def _placement_cost(problem: Problem, ids, dist, kept, slot_scales, ref_scales) -> np.ndarray:
+    """(B,) how badly each slot's fit explains its frame's points: the mean over the points of the robust
+    distance (0 to 1) of a point kept, `stages._FOREARM_COST` of a point cut away as forearm.
+
+    The fit's energy cannot compare placements: it averages over the points kept, so a hand that cuts
+    most of the scan away as forearm scores best. Distances are measured in the scans' units, with the
+    robust scale of the configured one at `ref_scales` (B,), the same for all slots of a frame: in the
+    model's units a larger hand would see the same scan noise smaller."""
+    sigma2 = (problem.config.robust_scale * np.asarray(ref_scales)[:, None]) ** 2
+    d2 = (dist * np.asarray(slot_scales)[:, None]) ** 2
+    valid = np.arange(dist.shape[1])[None, :] < np.asarray([problem.counts[i] if i >= 0 else 0 for i in ids])[:, None]
+    rho = np.where(kept, d2 / (sigma2 + d2), stages._FOREARM_COST)
+    return np.sum(rho * valid, axis=1) / np.maximum(np.sum(valid, axis=1), 1)
+
+
 def initialise(problem: Problem, frames, *, solve_scale=None, scale=None, per_frame=None) -> dict:
     """Stage 0 for each frame in `frames`: rigid multi-hypothesis search (`rigid_candidates`), then an
-    articulated refinement of the best placements, packed into windows; the lowest energy wins per
-    frame.
+    articulated refinement of the best placements, packed into windows; the lowest `_placement_cost` wins
+    per frame.
 
     The refinement is annealed: a wide robust kernel and a strong PCA pose prior first (the hand moves
     as a plausible whole while far from the data), then the configured ones.
 
-    Returns {frame: (Poses of one frame, scale, energy)}.
+    Returns {frame: (Poses of one frame, scale, placement cost)}.
     """
     cfg = problem.config
     model = problem.model
@@ -568,6 +618,9 @@ def initialise(problem: Problem, frames, *, solve_scale=None, scale=None, per_fr
             for shift in _INIT_SHIFTS
         ]
         slots.extend(variants[:per_frame])
+    # One robust scale (in scan units) per frame for `_placement_cost`, at the median size of its
+    # candidates (that of a far too large one would let it explain everything).
+    ref_scale = {f: float(np.median([c[4] for c in slots if c[0] == f])) for f in frames}
     best = {}
     w = cfg.window
     for start in range(0, len(slots), w):
@@ -584,9 +637,10 @@ def initialise(problem: Problem, frames, *, solve_scale=None, scale=None, per_fr
             weights = dataclasses.replace(
                 base, robust_scale=base.robust_scale * wide, gate=base.gate * wide, pose_prior=base.pose_prior * prior
             )
-            poses, _, _, cost, _, _ = _rounds(
+            poses, _, _, _, dist, kept = _rounds(
                 problem, hand, ids, poses, np.zeros(model.num_betas), weights, 1, slot_scales=slot_scales
             )
+        cost = _placement_cost(problem, ids, dist, kept, slot_scales, [ref_scale.get(i, 1.0) for i in ids])
         for k, c in enumerate(chunk):
             f = c[0]
             if np.isfinite(cost[k]) and poses.finite()[k] and (f not in best or cost[k] < best[f][2]):
@@ -636,7 +690,8 @@ def choose_keyframes(problem: Problem, count: int) -> np.ndarray:
 
 def fit_template(problem: Problem, poses: Poses, betas, keyframes, *, progress=False):
     """Stage 1: betas + per-vertex offsets over `keyframes` (at most `config.window`), each with its own
-    pose (starting from `poses` of those frames). Returns (betas (S,), offsets (V, 3), keyframe Poses)."""
+    pose (starting from `poses` of those frames), and for unknown units the global scale, starting from
+    `problem.scale`. Returns (betas (S,), offsets (V, 3), keyframe Poses, scale)."""
     from tqdm.auto import tqdm
 
     cfg = problem.config
@@ -648,28 +703,34 @@ def fit_template(problem: Problem, poses: Poses, betas, keyframes, *, progress=F
     slot_poses = Poses.identity(k)
     slot_poses.put(np.arange(len(keyframes)), poses)
     offsets = np.zeros((problem.model.num_vertices, 3))
-    frames = problem.frames(ids, problem.scale)
+    scale = problem.scale
     weights = problem.weights(temporal=False)
     lap = jnp.asarray(cfg.offset_laplacian_weight, dt)
     mag = jnp.asarray(cfg.offset_magnitude_weight, dt)
-    mask = np.append(np.ones(problem.model.num_betas), 0.0)
+    # Stage 0 sized the hand on one frame, where a big hand and a flexed one look alike (and a forearm
+    # can pass for palm): the keyframes' poses settle the scale. In raw scan units the solver scales the
+    # model.
+    mask = np.append(np.ones(problem.model.num_betas), 1.0 if problem.solve_scale else 0.0)
     directions = _offset_directions(problem.model, cfg.offset_directions)
     for _ in tqdm(range(cfg.template_rounds), desc="stage 1: template", disable=not progress, leave=False):
         hand = stages.make_hand(problem.model, offsets, cfg.num_markers)
-        slot_poses, betas, *_ = _rounds(problem, hand, ids, slot_poses, betas, weights, 1, shape_mask=mask)
+        slot_poses, betas, log_scale, *_ = _rounds(
+            problem, hand, ids, slot_poses, betas, weights, 1, shape_mask=mask, frame_scale=1.0, log_scale=np.log(scale)
+        )
+        scale = float(np.exp(log_scale))
         params = slot_poses.device(dt)
         verts, _ = _posed_batch(hand, params, jnp.asarray(betas, dt), jnp.ones((), dt))
-        matches = match(problem, ids, verts, problem.scale)
+        matches = match(problem, ids, verts, scale)
         new, new_betas = stages.solve_template(
-            hand, problem.mesh, jnp.asarray(offsets, dt), directions, frames, matches, params, jnp.asarray(betas, dt),
-            weights, lap, mag, iterations=_OFFSET_CG_ITERATIONS,
+            hand, problem.mesh, jnp.asarray(offsets, dt), directions, problem.frames(ids, scale), matches, params,
+            jnp.asarray(betas, dt), weights, lap, mag, iterations=_OFFSET_CG_ITERATIONS,
         )
         new, new_betas = np.asarray(new, np.float64), np.asarray(new_betas, np.float64)
         if np.all(np.isfinite(new)) and np.all(np.isfinite(new_betas)):
             offsets, betas = new, new_betas
         else:
             logger.warning("stage 1: the template solve was not finite; keeping the previous template")
-    return betas, offsets, slot_poses.take(np.arange(len(keyframes)))
+    return betas, offsets, slot_poses.take(np.arange(len(keyframes))), scale
 
 
 def _offset_directions(model: ManoModel, kind: str) -> jax.Array:
@@ -1128,14 +1189,22 @@ class Registration:
             self.track_initial()
         t0 = time.perf_counter()
         saved = self.checkpoint.load("stage1")
+        before = self.problem.scale
         if saved is not None:
             self.betas, self.offsets, self.keyframes = saved["betas"], saved["offsets"], saved["keyframes"]
+            self.problem.scale = float(saved["scale"])
         else:
             self.keyframes = choose_keyframes(self.problem, self.config.num_keyframes)
-            self.betas, self.offsets, _ = fit_template(
+            self.betas, self.offsets, _, self.problem.scale = fit_template(
                 self.problem, self.poses.take(self.keyframes), self.betas, self.keyframes, progress=self.progress
             )
-            self.checkpoint.save("stage1", betas=self.betas, offsets=self.offsets, keyframes=self.keyframes)
+            self.checkpoint.save("stage1", betas=self.betas, offsets=self.offsets, keyframes=self.keyframes,
+                                 scale=np.array(self.problem.scale))
+        # A new scale (unknown units) moves every point of the model but the origin: keep the tracked
+        # wrists where they were.
+        if self.problem.scale != before:
+            wrist = np.asarray(self.model.J_regressor, np.float64)[0] @ np.asarray(self.model.v_template, np.float64)
+            self.poses.transl[:] = (before / self.problem.scale) * (self.poses.transl + wrist) - wrist
         self.times["stage1"] = time.perf_counter() - t0
         self._done.add("stage1")
         return {"betas": self.betas.copy(), "offsets": self.offsets.copy(), "keyframes": self.keyframes.copy(),

@@ -194,6 +194,30 @@ def test_unknown_units_scale_is_recovered(open_right):
     assert err.max() < 4.0, err
 
 
+def test_unknown_units_with_partial_scans_and_a_forearm(open_right):
+    # The forearm makes the scans look larger than their hand and hides where the hand ends; stage 0 once
+    # sized the hand from the scan's spread and placed it a whole hand off (117 mm).
+    scans, truth = make_sequence(open_right, num_frames=FRAMES, points_per_frame=POINTS, seed=3, scale=3.7)
+    assert scans.units == "unknown"
+    result = pipeline.register_sequence(scans, open_right, CONFIG, progress=False)
+    err = vertex_error_mm(result, open_right, truth) / 3.7
+    assert err.mean() < 5.0, err
+    verts = result.posed_vertices(open_right)
+    size = np.linalg.norm(verts - verts.mean(axis=1, keepdims=True), axis=-1).mean()
+    true_size = np.linalg.norm(truth.vertices - truth.vertices.mean(axis=1, keepdims=True), axis=-1).mean()
+    assert abs(size / true_size - 1.0) < 0.03, size / true_size
+
+
+def test_stage0_places_the_hand_at_the_end_of_a_long_forearm(open_right):
+    # 25 cm of forearm: a rigid hand in a rest pose fits the forearm nearly as well as the curled hand, so
+    # the hand turned round onto the forearm used to win (378 mm off).
+    scans, truth = make_sequence(open_right, num_frames=2, points_per_frame=POINTS, seed=3, forearm_length=0.25)
+    reg = pipeline.Registration(scans, open_right, CONFIG, progress=False)
+    reg.stage0()
+    err = 1000 * np.linalg.norm(reg.posed_vertices()[0] - truth.vertices[0], axis=-1).mean()
+    assert err < 10.0, err
+
+
 def test_random_orientation_is_found_by_stage0(open_right):
     scans, truth = make_sequence(
         open_right, num_frames=1, points_per_frame=POINTS, partial=False, noise=0.0, outlier_ratio=0.0,
