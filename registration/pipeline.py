@@ -53,6 +53,8 @@ _MIN_FRAME_POINTS = 30
 _INIT_SCHEDULE = ((8.0, 100.0), (4.0, 30.0), (2.0, 10.0)) + ((1.0, 1.0),) * 5
 # Stage-0 shifts (metres, towards the fingers) of each rigid placement refined.
 _INIT_SHIFTS = (0.0, 0.02)
+# Length / width of a scan above which a solved scale is not trusted (`long_scan_warning`).
+_LONG_SCAN = 3.5
 # Stage-0 starting sizes for unknown units, times the scan's spread over the model's: a scan that runs on
 # up the forearm, or has outliers, is wider than its hand.
 _INIT_SIZES = (1.0, 0.7, 0.5)
@@ -435,6 +437,26 @@ def _scan_centres(scan: np.ndarray, length: float) -> np.ndarray:
         slab = np.abs(along - middle) <= 0.5 * length
         centres.append(np.median(scan[slab], axis=0) if slab.any() else centres[0])
     return np.asarray(centres)
+
+
+def long_scan_warning(problem: Problem, frame: int) -> str | None:
+    """A warning when the scale is solved on a frame much longer than wide, or None.
+
+    With unknown units, a scan running far up the forearm can be fitted by a hand far too large wrapped
+    round hand and forearm, a fit that explains the scan so well that no residual shows it (one 25 cm
+    forearm in three in bench/registration.py --robustness). A hand with up to 15 cm of forearm is at most
+    about 3 times as long (2nd-98th percentile extent along its principal axes) as wide; 25 cm, 3.6-5.3."""
+    if not problem.solve_scale:
+        return None
+    pts = problem.points[frame, : problem.counts[frame]]
+    extent = np.ptp(np.percentile(pts @ _principal_axes(pts), [2, 98], axis=0), axis=0)
+    ratio = extent[0] / max(extent[1], 1e-12)
+    if ratio <= _LONG_SCAN:
+        return None
+    return (
+        f"frame {frame} ({problem.names[frame]}) is {ratio:.1f} times as long as it is wide (a long forearm?): "
+        "with unknown units the solved scale may be wrong; give the units (--units m|mm) or crop the forearm"
+    )
 
 
 def _hypotheses(scan: np.ndarray, model_pts: np.ndarray) -> np.ndarray:
@@ -1128,6 +1150,8 @@ class Registration:
             self.betas, problem.scale = saved["betas"], float(saved["scale"])
             frames = saved["frames"]
         else:
+            if (warning := long_scan_warning(problem, first)) is not None:
+                logger.warning(warning)
             best = initialise(problem, [first])
             pose0, scale0, _ = best[first]
             pose0, self.betas, problem.scale = initial_shape(problem, first, pose0, scale0, problem.solve_scale)

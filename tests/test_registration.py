@@ -208,6 +208,15 @@ def test_unknown_units_with_partial_scans_and_a_forearm(open_right):
     assert abs(size / true_size - 1.0) < 0.03, size / true_size
 
 
+@pytest.mark.parametrize("forearm_length, warned", [(0.08, False), (0.25, True)])
+def test_long_scan_in_unknown_units_is_flagged(open_right, forearm_length, warned):
+    # Unknown units with a long forearm can fail unseen (an oversized hand wraps hand and forearm).
+    scans, _ = make_sequence(open_right, num_frames=1, points_per_frame=POINTS, seed=4, scale=3.7, forearm_length=forearm_length)
+    problem = pipeline.prepare(scans, open_right, CONFIG)
+    assert (pipeline.long_scan_warning(problem, 0) is not None) == warned
+    assert pipeline.long_scan_warning(pipeline.prepare(scans, open_right, CONFIG.replace(solve_scale=False)), 0) is None
+
+
 def test_stage0_places_the_hand_at_the_end_of_a_long_forearm(open_right):
     # 25 cm of forearm: a rigid hand in a rest pose fits the forearm nearly as well as the curled hand, so
     # the hand turned round onto the forearm used to win (378 mm off).
