@@ -54,7 +54,7 @@ _INIT_SCHEDULE = ((8.0, 100.0), (4.0, 30.0), (2.0, 10.0)) + ((1.0, 1.0),) * 5
 # Stage-0 shifts (metres, towards the fingers) of each rigid placement refined.
 _INIT_SHIFTS = (0.0, 0.02)
 # Length / width of a scan above which a solved scale is not trusted (`long_scan_warning`).
-_LONG_SCAN = 3.5
+_LONG_SCAN = 3.0
 # Stage-0 starting sizes for unknown units, times the scan's spread over the model's: a scan that runs on
 # up the forearm, or has outliers, is wider than its hand.
 _INIT_SIZES = (1.0, 0.7, 0.5)
@@ -442,10 +442,12 @@ def _scan_centres(scan: np.ndarray, length: float) -> np.ndarray:
 def long_scan_warning(problem: Problem, frame: int) -> str | None:
     """A warning when the scale is solved on a frame much longer than wide, or None.
 
-    With unknown units, a scan running far up the forearm can be fitted by a hand far too large wrapped
-    round hand and forearm, a fit that explains the scan so well that no residual shows it (one 25 cm
-    forearm in three in bench/registration.py --robustness). A hand with up to 15 cm of forearm is at most
-    about 3 times as long (2nd-98th percentile extent along its principal axes) as wide; 25 cm, 3.6-5.3."""
+    With unknown units, a scan running far up the forearm can be fitted by a hand far too large (or too
+    small) and placed wrong, and an oversized hand wrapped round hand and forearm explains the scan so well
+    that no residual shows it (bench/registration.py --robustness: one 25 cm forearm in three). Length over
+    width (2nd-98th percentile extents along the principal axes) on 6-frame synthetic sequences: a hand
+    alone about 2, with 8 cm of forearm 2.1-3.1, 15 cm 2.8-4.0, 25 cm 3.6-5.4. Above 3 the warning is
+    given; it also flags some scans that fit well."""
     if not problem.solve_scale:
         return None
     pts = problem.points[frame, : problem.counts[frame]]

@@ -208,10 +208,10 @@ def test_unknown_units_with_partial_scans_and_a_forearm(open_right):
     assert abs(size / true_size - 1.0) < 0.03, size / true_size
 
 
-@pytest.mark.parametrize("forearm_length, warned", [(0.08, False), (0.25, True)])
-def test_long_scan_in_unknown_units_is_flagged(open_right, forearm_length, warned):
+@pytest.mark.parametrize("forearm, warned", [(False, False), (True, True)])
+def test_long_scan_in_unknown_units_is_flagged(open_right, forearm, warned):
     # Unknown units with a long forearm can fail unseen (an oversized hand wraps hand and forearm).
-    scans, _ = make_sequence(open_right, num_frames=1, points_per_frame=POINTS, seed=4, scale=3.7, forearm_length=forearm_length)
+    scans, _ = make_sequence(open_right, num_frames=1, points_per_frame=POINTS, seed=4, scale=3.7, forearm=forearm, forearm_length=0.25)
     problem = pipeline.prepare(scans, open_right, CONFIG)
     assert (pipeline.long_scan_warning(problem, 0) is not None) == warned
     assert pipeline.long_scan_warning(pipeline.prepare(scans, open_right, CONFIG.replace(solve_scale=False)), 0) is None
