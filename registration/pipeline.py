@@ -422,6 +422,11 @@ def _principal_axes(x: np.ndarray) -> np.ndarray:
     return axes
 
 
+def _robust_extents(x: np.ndarray) -> np.ndarray:
+    """(3,) 2nd-98th percentile extents of a point set along its principal axes, largest first."""
+    return np.ptp(np.percentile(x @ _principal_axes(x), [2, 98], axis=0), axis=0)
+
+
 def _robust_size(x: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.sum((x - np.median(x, axis=0)) ** 2, axis=1))))
 
@@ -450,8 +455,7 @@ def long_scan_warning(problem: Problem, frame: int) -> str | None:
     given; it also flags some scans that fit well."""
     if not problem.solve_scale:
         return None
-    pts = problem.points[frame, : problem.counts[frame]]
-    extent = np.ptp(np.percentile(pts @ _principal_axes(pts), [2, 98], axis=0), axis=0)
+    extent = _robust_extents(problem.points[frame, : problem.counts[frame]])
     ratio = extent[0] / max(extent[1], 1e-12)
     if ratio <= _LONG_SCAN:
         return None
@@ -579,7 +583,7 @@ def rigid_candidates(problem: Problem, frame: int, solve_scale: bool, scale: flo
     # the articulated fit (`initialise`) tells the two apart.
     # With the scale solved, a hand far longer than the whole scan can wrap it all, forearm and outliers
     # included, at a low cost; even a fist scanned with no forearm is not half the length of a flat hand.
-    too_large = 2.0 * np.ptp(np.percentile(sub @ long_axis, [2, 98])) / model_length if solve_scale else np.inf
+    too_large = 2.0 * _robust_extents(sub)[0] / model_length if solve_scale else np.inf
     groups = {}
     for cand in sorted(results, key=lambda r: r[4] if np.isfinite(r[4]) else np.inf):
         if np.isfinite(cand[4]) and cand[3] <= too_large:
@@ -599,8 +603,8 @@ def rigid_candidates(problem: Problem, frame: int, solve_scale: bool, scale: flo
 
 
 def _placement_cost(problem: Problem, ids, dist, kept, slot_scales, ref_scales) -> np.ndarray:
-    """(B,) how badly each slot's fit explains its frame's points: the mean over the points of the robust
-    distance (0 to 1) of a point kept, `stages._FOREARM_COST` of a point cut away as forearm.
+    """(B,) how badly each slot's fit explains its frame's points (`stages.placement_cost`, as in the rigid
+    search).
 
     The fit's energy cannot compare placements: it averages over the points kept, so a hand that cuts
     most of the scan away as forearm scores best. Distances are measured in the scans' units, with the
@@ -609,8 +613,7 @@ def _placement_cost(problem: Problem, ids, dist, kept, slot_scales, ref_scales) 
     sigma2 = (problem.config.robust_scale * np.asarray(ref_scales)[:, None]) ** 2
     d2 = (dist * np.asarray(slot_scales)[:, None]) ** 2
     valid = np.arange(dist.shape[1])[None, :] < np.asarray([problem.counts[i] if i >= 0 else 0 for i in ids])[:, None]
-    rho = np.where(kept, d2 / (sigma2 + d2), stages._FOREARM_COST)
-    return np.sum(rho * valid, axis=1) / np.maximum(np.sum(valid, axis=1), 1)
+    return stages.placement_cost(d2, sigma2, kept.astype(np.float64), valid.astype(np.float64))
 
 
 def initialise(problem: Problem, frames, *, solve_scale=None, scale=None, per_frame=None) -> dict:
@@ -1229,7 +1232,7 @@ class Registration:
         # A new scale (unknown units) moves every point of the model but the origin: keep the tracked
         # wrists where they were.
         if self.problem.scale != before:
-            wrist = np.asarray(self.model.J_regressor, np.float64)[0] @ np.asarray(self.model.v_template, np.float64)
+            wrist, _ = stages._hand_direction(self.model, np.asarray(self.model.v_template, np.float64))
             self.poses.transl[:] = (before / self.problem.scale) * (self.poses.transl + wrist) - wrist
         self.times["stage1"] = time.perf_counter() - t0
         self._done.add("stage1")

@@ -821,6 +821,15 @@ def solve_template(hand, mesh, offsets, directions, frames, matches, params, bet
 _FOREARM_COST = 0.3
 
 
+def placement_cost(d2, sigma2, keep, mask):
+    """How badly a placement explains scan points with squared distances `d2` (*, N): the mean over the
+    real points (`mask`) of the robust distance (0 to 1, Geman-McClure with squared scale `sigma2`) of a
+    point kept, `_FOREARM_COST` of a point cut away as forearm (`mask` - `keep`). Lower is better; NumPy
+    or JAX arrays."""
+    rho, _ = _geman_mcclure(d2, sigma2)
+    return (keep * rho / sigma2 + (mask - keep) * _FOREARM_COST).sum(-1) / mask.sum(-1).clip(min=1.0)
+
+
 @functools.partial(jax.jit, static_argnames=("iterations",))
 def rigid_search(points, mask, model_points, rot0, transl0, scale0, solve_scale, robust_scale, wrist, hand_dir,
                  cut_offset, *, iterations: int):  # fmt: skip
@@ -835,10 +844,9 @@ def rigid_search(points, mask, model_points, rot0, transl0, scale0, solve_scale,
       wrist, hand_dir, cut_offset: the model's wrist (3,), its direction towards the fingers (3,), and the
         signed distance along it behind which scan points are forearm (as in the articulated fit).
 
-    Returns (rot, transl, scale, robust cost) per hypothesis; cost = mean over the scan points of the robust
-    distance to the transformed model points, `_FOREARM_COST` for points behind its wrist (lower is
-    better). Without the forearm cut, a scan that runs on up the arm outweighs the hand, and a hand turned
-    palm for back can win.
+    Returns (rot, transl, scale, cost) per hypothesis; cost: `placement_cost` of the scan points against
+    the transformed model points, those behind its wrist cut as forearm. Without the forearm cut, a scan
+    that runs on up the arm outweighs the hand, and a hand turned palm for back can win.
     """
 
     def one(rot, transl, scale):
@@ -862,9 +870,6 @@ def rigid_search(points, mask, model_points, rot0, transl0, scale0, solve_scale,
         rot, transl, scale = jax.lax.fori_loop(0, iterations, body, (rot, transl, scale))
         _, d2 = nearest(rot, transl, scale)
         sigma2 = (robust_scale * scale) ** 2
-        rho, _ = _geman_mcclure(d2, sigma2)
-        keep = kept(rot, transl, scale)
-        cost = jnp.sum(keep * rho / sigma2 + (mask - keep) * _FOREARM_COST) / jnp.maximum(jnp.sum(mask), 1.0)
-        return rot, transl, scale, cost
+        return rot, transl, scale, placement_cost(d2, sigma2, kept(rot, transl, scale), mask)
 
     return jax.vmap(one)(rot0, transl0, scale0)
