@@ -136,10 +136,11 @@ def evaluate(model, scans, truth, result) -> dict:
     }
 
 
-def robustness(frames: int = 20, points: int = 2000, seeds=(5, 6, 7)) -> dict:
+def robustness(frames: int = 20, points: int = 2000, seeds=(5, 6, 7), only=None) -> dict:
     """Mean per-vertex error (mm) of short partial sequences (one per seed) as scanned (hand 0.5 m from the
     sensor, 8 cm of forearm), moved 1.6 m and turned (a scanner's coordinates), with 15 or 25 cm of
-    forearm, and in unknown units (x 3.7, the scale solved) with 8 or 25 cm of forearm."""
+    forearm, and in unknown units (x 3.7, the scale solved) with 8, 15 or 25 cm of forearm. `only`: names
+    of the cases to run (default all)."""
     from scipy.spatial.transform import Rotation
 
     model = mano_jax.load_model()
@@ -148,9 +149,12 @@ def robustness(frames: int = 20, points: int = 2000, seeds=(5, 6, 7)) -> dict:
     out = {"frames": frames, "points_per_frame": points, "seeds": list(seeds), "load_average_at_start": list(os.getloadavg())}
     cases = (  # name, forearm length, moved, scale
         ("as_scanned", 0.08, False, 1.0), ("moved_1.6m_and_turned", 0.08, True, 1.0), ("forearm_15cm", 0.15, False, 1.0),
-        ("forearm_25cm", 0.25, False, 1.0), ("unknown_units", 0.08, False, 3.7), ("unknown_units_forearm_25cm", 0.25, False, 3.7),
+        ("forearm_25cm", 0.25, False, 1.0), ("unknown_units", 0.08, False, 3.7), ("unknown_units_forearm_15cm", 0.15, False, 3.7),
+        ("unknown_units_forearm_25cm", 0.25, False, 3.7),
     )  # fmt: skip
     for name, forearm_length, moved, scale in cases:
+        if only and name not in only:
+            continue
         errors, walls = [], []
         for seed in seeds:
             scans, truth = make_sequence(
@@ -219,11 +223,12 @@ def main(argv=None):
         "--robustness", action="store_true",
         help="only the robustness cases (stored under 'robustness' in --out, the other entries kept)",
     )
+    parser.add_argument("--cases", nargs="+", help="with --robustness: only these cases (the others' results kept)")
     args = parser.parse_args(argv)
     if args.robustness:
         out = Path(args.out)
         report = json.loads(out.read_text()) if out.exists() else {}
-        report["robustness"] = robustness()
+        report["robustness"] = report.get("robustness", {}) | robustness(only=args.cases)
         with atomic_path(out) as tmp:
             tmp.write_text(json.dumps(report, indent=1))
         print(json.dumps(report["robustness"], indent=1))

@@ -81,7 +81,7 @@ class RegistrationConfig:
     too large and 0.34 mm more error); the keyframes of stage 1 settle the betas instead."""
     init_refine: int = 4
     """Best rigid hypotheses refined with an articulated fit per frame of an unordered set (the first
-    frame of a sequence gets a whole window's worth); the lowest energy wins."""
+    frame of a sequence gets a whole window's worth); the one that explains the frame's points best wins."""
 
     # --- stage 1: subject template -----------------------------------------------------------------
     num_keyframes: int = 8

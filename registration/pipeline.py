@@ -55,9 +55,17 @@ _INIT_SCHEDULE = ((8.0, 100.0), (4.0, 30.0), (2.0, 10.0)) + ((1.0, 1.0),) * 5
 _INIT_SHIFTS = (0.0, 0.02)
 # Length / width of a scan above which a solved scale is not trusted (`long_scan_warning`).
 _LONG_SCAN = 3.0
-# Stage-0 starting sizes for unknown units, times the scan's spread over the model's: a scan that runs on
-# up the forearm, or has outliers, is wider than its hand.
+# Stage-0 starting sizes for unknown units, times the scan's spread over the model's (a scan that runs on
+# up the forearm, or has outliers, is wider than its hand); `rigid_candidates` adds one from the width.
 _INIT_SIZES = (1.0, 0.7, 0.5)
+# Rounds in which each stage-0 candidate's own scale is solved (unknown units) before they are compared.
+_RESCALE_ROUNDS = 3
+# Cost, added to a stage-0 candidate's placement cost when the scale is solved, of its model surface being
+# all more than two robust scales from the scan (a partial view leaves about half of the right hand's
+# uncovered, two thirds or more of a hand far too large).
+_UNCOVERED_COST = 0.1
+# Frames (spread through the sequence, the first included) whose stage 0 decides the size of a long scan.
+_SIZE_FRAMES = 3
 _OFFSET_CG_ITERATIONS = 150
 _CHECKPOINT_FORMAT = "mano-jax-registration-checkpoint/3"
 
@@ -449,10 +457,11 @@ def long_scan_warning(problem: Problem, frame: int) -> str | None:
 
     With unknown units, a scan running far up the forearm can be fitted by a hand far too large (or too
     small) and placed wrong, and an oversized hand wrapped round hand and forearm explains the scan so well
-    that no residual shows it (bench/registration.py --robustness: one 25 cm forearm in three). Length over
-    width (2nd-98th percentile extents along the principal axes) on 6-frame synthetic sequences: a hand
-    alone about 2, with 8 cm of forearm 2.1-3.1, 15 cm 2.8-4.0, 25 cm 3.6-5.4. Above 3 the warning is
-    given; it also flags some scans that fit well."""
+    that no residual shows it. Length over width (2nd-98th percentile extents along the principal axes) on
+    6-frame synthetic sequences: a hand alone about 2, with 8 cm of forearm 2.1-3.1, 15 cm 2.8-4.0, 25 cm
+    3.6-5.4. Above 3 the warning is given, and stage 0 sizes the hand on the clearest of a few frames
+    (`Registration._size_from_clearest_frame`, two to four times slower); it also flags some scans that
+    fit well."""
     if not problem.solve_scale:
         return None
     extent = _robust_extents(problem.points[frame, : problem.counts[frame]])
@@ -553,15 +562,23 @@ def rigid_candidates(problem: Problem, frame: int, solve_scale: bool, scale: flo
         turns = _hypotheses(sub, mpts)
         length = np.ptp(mpts @ _principal_axes(mpts)[:, 0])
         model_length = max(model_length, length)
-        sizes = _robust_size(sub) / _robust_size(mpts) * np.asarray(_INIT_SIZES) if solve_scale else [scale]
-        rots, trans, scales, size_idx = [], [], [], []
+        sizes, free = [scale], [False]
+        if solve_scale:
+            # Also the size at which the hand is as wide as the scan, held while the rigid search runs: a
+            # long forearm stretches the spread far more than the width, and draws a hand whose size is
+            # free to grow along it.
+            width = _robust_extents(sub)[1] / _robust_extents(mpts)[1]
+            sizes = np.append(_robust_size(sub) / _robust_size(mpts) * np.asarray(_INIT_SIZES), width)
+            free = [True] * len(_INIT_SIZES) + [False]
+        rots, trans, scales, size_idx, solve = [], [], [], [], []
         for k, s0 in enumerate(sizes):
             for centre in _scan_centres(sub, s0 * length):
                 rots.append(turns)
                 trans.append(centre - s0 * turns @ np.median(mpts, axis=0))
                 scales.append(np.full(len(turns), s0))
                 size_idx.append(np.full(len(turns), k))
-        rots, trans, scales, size_idx = (np.concatenate(x) for x in (rots, trans, scales, size_idx))
+                solve.append(np.full(len(turns), float(free[k])))
+        rots, trans, scales, size_idx, solve = (np.concatenate(x) for x in (rots, trans, scales, size_idx, solve))
         if problem.keypoint_conf[frame].any():
             aligned = _keypoint_alignment(posed_kp[p_idx], problem.keypoints[frame], problem.keypoint_conf[frame], solve_scale)
             if aligned is not None:
@@ -569,9 +586,10 @@ def rigid_candidates(problem: Problem, frame: int, solve_scale: bool, scale: flo
                 trans = np.concatenate([trans, aligned[1][None]])
                 scales = np.concatenate([scales, [aligned[2] if solve_scale else scale]])
                 size_idx = np.append(size_idx, -1)
+                solve = np.append(solve, float(solve_scale))
         rot, transl, sc, cost = stages.rigid_search(
             f(sub), f(np.ones(len(sub))), f(mpts), f(rots), f(trans), f(scales),
-            f(1.0 if solve_scale else 0.0), f(cfg.robust_scale), f(wrist), f(hand_dir), f(problem.cut_offset),
+            f(solve), f(cfg.robust_scale), f(wrist), f(hand_dir), f(problem.cut_offset),
             iterations=cfg.init_icp_iterations,
         )
         rot, transl, sc, cost = (np.asarray(x, np.float64) for x in (rot, transl, sc, cost))
@@ -616,13 +634,34 @@ def _placement_cost(problem: Problem, ids, dist, kept, slot_scales, ref_scales) 
     return stages.placement_cost(d2, sigma2, kept.astype(np.float64), valid.astype(np.float64))
 
 
+def _with_own_scale(problem: Problem, hand, frame: int, cand: tuple, ref_scale: float) -> tuple:
+    """A refined stage-0 candidate (Poses of one frame, scale, placement cost) of `frame` with its own
+    scale solved (`initial_shape`) and the share of its surface far from the scan added to its cost; the
+    candidate unchanged if that fails.
+
+    Each candidate keeps the size the rigid search gave it, which a forearm skews: a hand of the right size
+    and place but 9% small cost more than one 25% too small at the forearm's far end until both had their
+    own scale. A hand far too large wrapped round hand and forearm explains every scan point; what gives it
+    away is how much of its surface has no scan point near (bench/registration.py --robustness, unknown
+    units with 15 and 25 cm of forearm)."""
+    cfg, dt = problem.config, problem.model.dtype
+    poses, betas, scale, cost = initial_shape(problem, frame, cand[0], cand[1], True, ref_scale, rounds=_RESCALE_ROUNDS)
+    if not (np.isfinite(cost) and poses.finite()[0]):
+        return cand
+    verts, _ = _posed_window(problem, hand, poses, jnp.asarray(betas, dt), jnp.asarray(scale, dt))
+    near, _ = problem.tree(frame).query(np.asarray(verts[0]), distance_upper_bound=2.0 * cfg.robust_scale * ref_scale)
+    return poses, scale, cost + _UNCOVERED_COST * float(np.mean(~np.isfinite(near)))
+
+
 def initialise(problem: Problem, frames, *, solve_scale=None, scale=None, per_frame=None) -> dict:
     """Stage 0 for each frame in `frames`: rigid multi-hypothesis search (`rigid_candidates`), then an
     articulated refinement of the best placements, packed into windows; the lowest `_placement_cost` wins
     per frame.
 
     The refinement is annealed: a wide robust kernel and a strong PCA pose prior first (the hand moves
-    as a plausible whole while far from the data), then the configured ones.
+    as a plausible whole while far from the data), then the configured ones. When the scale is solved,
+    each refined candidate then gets its own (`initial_shape`), and the share of its surface far from the
+    scan is added to its cost (`_UNCOVERED_COST`).
 
     Returns {frame: (Poses of one frame, scale, placement cost)}.
     """
@@ -635,14 +674,14 @@ def initialise(problem: Problem, frames, *, solve_scale=None, scale=None, per_fr
     base = problem.weights(temporal=False, keypoint_weight=cfg.init_keypoint_weight)
     slots = []  # (frame, hand pose, rot, transl, scale)
     _, hand_dir = stages._hand_direction(model, np.asarray(model.v_template, np.float64))
+    # Scans that run on into the forearm pull a rigid fit towards the wrist: also try each placement moved
+    # towards the fingers; but not when the scale is solved, which lets the hand slide, and there are twice
+    # as many groups of candidates to try (`rigid_candidates`).
+    shifts = (0.0,) if solve_scale else _INIT_SHIFTS
     for f in frames:
-        pose, rot, transl, sc, _ = rigid_candidates(problem, f, solve_scale, scale, -(-per_frame // len(_INIT_SHIFTS)), cfg.seed)
-        # Scans that run on into the forearm pull a rigid fit towards the wrist: also try the placement
-        # moved towards the fingers.
+        pose, rot, transl, sc, _ = rigid_candidates(problem, f, solve_scale, scale, -(-per_frame // len(shifts)), cfg.seed)
         variants = [
-            (f, pose[h], rot[h], transl[h] + shift * rot[h] @ hand_dir, sc[h])
-            for h in range(len(sc))
-            for shift in _INIT_SHIFTS
+            (f, pose[h], rot[h], transl[h] + shift * rot[h] @ hand_dir, sc[h]) for h in range(len(sc)) for shift in shifts
         ]
         slots.extend(variants[:per_frame])
     # One robust scale (in scan units) per frame for `_placement_cost`, at the median size of its
@@ -670,8 +709,13 @@ def initialise(problem: Problem, frames, *, solve_scale=None, scale=None, per_fr
         cost = _placement_cost(problem, ids, dist, kept, slot_scales, [ref_scale.get(i, 1.0) for i in ids])
         for k, c in enumerate(chunk):
             f = c[0]
-            if np.isfinite(cost[k]) and poses.finite()[k] and (f not in best or cost[k] < best[f][2]):
-                best[f] = (poses.take([k]), slot_scales[k], float(cost[k]))
+            if not (np.isfinite(cost[k]) and poses.finite()[k]):
+                continue
+            cand = (poses.take([k]), slot_scales[k], float(cost[k]))
+            if solve_scale:
+                cand = _with_own_scale(problem, hand, f, cand, ref_scale[f])
+            if f not in best or cand[2] < best[f][2]:
+                best[f] = cand
     missing = [f for f in frames if f not in best]
     if missing:
         raise RegistrationError(
@@ -680,9 +724,11 @@ def initialise(problem: Problem, frames, *, solve_scale=None, scale=None, per_fr
     return best
 
 
-def initial_shape(problem: Problem, frame: int, poses: Poses, scale: float, solve_scale: bool):
-    """Stage 0 shape: betas (and the global scale when solved) from one frame. Returns (poses, betas,
-    scale)."""
+def initial_shape(problem: Problem, frame: int, poses: Poses, scale: float, solve_scale: bool, ref_scale=None, *,
+                  rounds=None):
+    """Stage 0 shape: betas (and the global scale when solved) from one frame, in `rounds` rounds (default
+    `config.template_rounds`). Returns (poses, betas, scale, `_placement_cost` at the robust scale of the
+    configured one at `ref_scale`, default `scale`)."""
     cfg = problem.config
     ids = [frame] + [-1] * (cfg.window - 1)
     slot_poses = Poses.identity(cfg.window)
@@ -695,11 +741,13 @@ def initial_shape(problem: Problem, frame: int, poses: Poses, scale: float, solv
     weights = problem.weights(temporal=False)
     weights = dataclasses.replace(weights, shape_prior=jnp.asarray(cfg.init_shape_prior_weight, weights.shape_prior.dtype))
     # Raw scan units: the solver scales the model by the (solved) scale.
-    slot_poses, betas, log_scale, *_ = _rounds(
-        problem, hand, ids, slot_poses, np.zeros(s), weights, cfg.template_rounds,
+    slot_poses, betas, log_scale, _, dist, kept = _rounds(
+        problem, hand, ids, slot_poses, np.zeros(s), weights, rounds or cfg.template_rounds,
         frame_scale=1.0, log_scale=np.log(scale), shape_mask=mask,
     )
-    return slot_poses.take([0]), betas, float(np.exp(log_scale))
+    ones = np.ones(cfg.window)
+    cost = _placement_cost(problem, ids, dist, kept, ones, ones * (scale if ref_scale is None else ref_scale))[0]
+    return slot_poses.take([0]), betas, float(np.exp(log_scale)), float(cost)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -1155,11 +1203,12 @@ class Registration:
             self.betas, problem.scale = saved["betas"], float(saved["scale"])
             frames = saved["frames"]
         else:
+            best = initialise(problem, [first])
             if (warning := long_scan_warning(problem, first)) is not None:
                 logger.warning(warning)
-            best = initialise(problem, [first])
+                best = self._size_from_clearest_frame(best)
             pose0, scale0, _ = best[first]
-            pose0, self.betas, problem.scale = initial_shape(problem, first, pose0, scale0, problem.solve_scale)
+            pose0, self.betas, problem.scale, _ = initial_shape(problem, first, pose0, scale0, problem.solve_scale)
             best = {first: (pose0, problem.scale, 0.0)}
             frames = np.array([first])
             if problem.unordered:
@@ -1180,6 +1229,26 @@ class Registration:
         logger.info("stage 0: frame %d placed; scale %.4g; %.1f s", first, problem.scale, self.times["stage0"])
         self._done.add("stage0")
         return {"frames": np.asarray(frames), "betas": self.betas.copy(), "scale": problem.scale, "poses": self._in_scan(init_poses)}
+
+    def _size_from_clearest_frame(self, best: dict) -> dict:
+        """Stage 0 of the first frame again at the size found on the frame that fits most clearly of a few
+        spread through the sequence (unknown units, long scans).
+
+        On a scan that runs far up the forearm, a hand of the wrong size (one wrapped round hand and
+        forearm, or one at the forearm's far end) can explain the first frame best while no candidate of
+        the right size fits it well; other poses and views of the same hand are clearer
+        (bench/registration.py --robustness, unknown units with 25 cm of forearm)."""
+        problem, first = self.problem, self.first
+        others = [int(f) for f in choose_keyframes(problem, _SIZE_FRAMES) if f != first]
+        if not others:
+            return best
+        best = best | initialise(problem, others, per_frame=self.config.window)
+        clearest = min(best, key=lambda f: best[f][2])
+        logger.info("stage 0: size from frame %d (placement costs %s)", clearest,
+                    ", ".join(f"{f}: {c[2]:.3f}" for f, c in sorted(best.items())))
+        if clearest == first:
+            return best
+        return initialise(problem, [first], solve_scale=False, scale=best[clearest][1])
 
     def track_initial(self) -> Poses:
         """Track the sequence with the stage-0 template (poses for stage 1's keyframes)."""

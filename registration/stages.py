@@ -839,7 +839,7 @@ def rigid_search(points, mask, model_points, rot0, transl0, scale0, solve_scale,
       points: (N, 3) scan points; mask (N,) 1 for real points.
       model_points: (M, 3) points of the model surface in its rest pose.
       rot0, transl0, scale0: (H, 3, 3), (H, 3), (H,) starting transforms (model -> scan).
-      solve_scale: 1 to solve a global scale too.
+      solve_scale: (H,) 1 to solve the scale of that hypothesis too.
       robust_scale: final Geman-McClure scale (metres); ICP starts 4x wider and narrows.
       wrist, hand_dir, cut_offset: the model's wrist (3,), its direction towards the fingers (3,), and the
         signed distance along it behind which scan points are forearm (as in the articulated fit).
@@ -849,7 +849,7 @@ def rigid_search(points, mask, model_points, rot0, transl0, scale0, solve_scale,
     that runs on up the arm outweighs the hand, and a hand turned palm for back can win.
     """
 
-    def one(rot, transl, scale):
+    def one(rot, transl, scale, solve_scale):
         def nearest(rot, transl, scale):
             y = scale * model_points @ rot.T + transl[None, :]
             d2 = jnp.sum(points**2, -1)[:, None] - 2.0 * points @ y.T + jnp.sum(y**2, -1)[None, :]
@@ -872,4 +872,4 @@ def rigid_search(points, mask, model_points, rot0, transl0, scale0, solve_scale,
         sigma2 = (robust_scale * scale) ** 2
         return rot, transl, scale, placement_cost(d2, sigma2, kept(rot, transl, scale), mask)
 
-    return jax.vmap(one)(rot0, transl0, scale0)
+    return jax.vmap(one)(rot0, transl0, scale0, solve_scale)

@@ -227,6 +227,20 @@ def test_stage0_places_the_hand_at_the_end_of_a_long_forearm(open_right):
     assert err < 10.0, err
 
 
+def test_stage0_sizes_the_hand_on_a_long_forearm_in_unknown_units(open_right):
+    # 15 cm of forearm, unknown units: a hand 25% too small at the forearm's far end, the real hand cut away
+    # as forearm, cost less than the right placement held at the size the rigid search gave it (9% small);
+    # stage 0 put the hand 216 mm off.
+    scans, truth = make_sequence(
+        open_right, num_frames=FRAMES, points_per_frame=POINTS, seed=6, scale=3.7, forearm_length=0.15
+    )
+    reg = pipeline.Registration(scans, open_right, CONFIG, progress=False)
+    out = reg.stage0()
+    err = 1000 * np.linalg.norm(reg.posed_vertices()[0] - truth.vertices[0], axis=-1).mean() / 3.7
+    assert err < 20.0, err
+    assert abs(out["scale"] / 3.7 - 1.0) < 0.1, out["scale"]
+
+
 def test_random_orientation_is_found_by_stage0(open_right):
     scans, truth = make_sequence(
         open_right, num_frames=1, points_per_frame=POINTS, partial=False, noise=0.0, outlier_ratio=0.0,
