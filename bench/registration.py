@@ -152,6 +152,9 @@ def robustness(frames: int = 20, points: int = 2000, seeds=(5, 6, 7), only=None)
         ("forearm_25cm", 0.25, False, 1.0), ("unknown_units", 0.08, False, 3.7), ("unknown_units_forearm_15cm", 0.15, False, 3.7),
         ("unknown_units_forearm_25cm", 0.25, False, 3.7),
     )  # fmt: skip
+    unknown = set(only or ()) - {c[0] for c in cases}
+    if unknown:
+        raise SystemExit(f"--cases: no robustness case named {', '.join(sorted(unknown))} (cases: {', '.join(c[0] for c in cases)})")
     for name, forearm_length, moved, scale in cases:
         if only and name not in only:
             continue
